@@ -1,0 +1,1 @@
+"""Data: text -> token files (prepare), batches from them (memmap), instruction data, stories."""

@@ -1,0 +1,178 @@
+"""Training batches read from memmapped token files, at a position that is a pure function of
+(seed, step, micro_step, rank): a resumed run reads exactly the batches the uninterrupted run
+would have read, and no file is ever loaded into memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.errors import UserError
+
+MODES = ("random", "epoch")
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    """meta.json of a prepared data folder, checked against the token files beside it."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data folder {data_dir} not found; run lmforge prepare first")
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(
+            f"{meta_path} not found: {data_dir} is not a prepared data folder; "
+            "run lmforge prepare --out on it"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        expected = {"train.bin": meta["train_tokens"], "val.bin": meta["val_tokens"]}
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{meta_path} is damaged ({e}); re-run lmforge prepare") from None
+    for name, tokens in expected.items():
+        path = data_dir / name
+        if not path.is_file():
+            raise UserError(f"{path} not found; re-run lmforge prepare")
+        if path.stat().st_size != tokens * itemsize:
+            raise UserError(
+                f"{path} holds {path.stat().st_size} bytes but meta.json says {tokens} "
+                f"{meta['dtype']} tokens; the folder is incomplete or changed: re-run prepare"
+            )
+    return meta
+
+
+class TokenBatches:
+    """(x, y) batches of ``context`` tokens from a token file or array.
+
+    ``mode="random"``: each sequence is a window of context+1 tokens at an offset drawn from
+    ``np.random.default_rng([seed, step, micro_step, rank])``.
+    ``mode="epoch"``: non-overlapping windows every ``stride`` tokens (default ``context``),
+    shuffled per epoch with ``default_rng([seed, epoch])`` and consumed in order: sequence ``j`` of
+    micro-batch (step, micro_step, rank) is global sample
+    ``((step * grad_accum + micro_step) * world_size + rank) * batch_size + j``.
+    """
+
+    def __init__(
+        self,
+        path_or_array: str | Path | np.ndarray,
+        context: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        mode: str = "random",
+        stride: int | None = None,
+        grad_accum: int = 1,
+        dtype: str | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise UserError(f"batch mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.context = context
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.mode = mode
+        self.stride = stride or context
+        self.grad_accum = grad_accum
+        if isinstance(path_or_array, np.ndarray):
+            self._array: np.ndarray | None = path_or_array
+            self.path = None
+            self.num_tokens = len(path_or_array)
+        else:
+            self._array = None
+            self.path = Path(path_or_array)
+            if not self.path.is_file():
+                raise UserError(f"token file {self.path} not found; run lmforge prepare first")
+            if dtype is None:
+                meta_path = self.path.parent / "meta.json"
+                if not meta_path.is_file():
+                    raise UserError(f"{meta_path} not found: cannot tell the dtype of {self.path}")
+                dtype = json.loads(meta_path.read_text(encoding="utf-8"))["dtype"]
+            self._dtype = np.dtype(dtype)
+            self.num_tokens = self.path.stat().st_size // self._dtype.itemsize
+        if self.num_tokens < context + 1:
+            where = self.path or "the token array"
+            raise UserError(
+                f"{where} holds {self.num_tokens} tokens, fewer than one window of context+1 = "
+                f"{context + 1}; lower the context or prepare more data"
+            )
+        # Epoch mode: window starts 0, stride, 2*stride, ... that fit entirely.
+        self.windows_per_epoch = (self.num_tokens - context - 1) // self.stride + 1
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    # ------------------------------------------------------------------------------- positions
+    @property
+    def samples_per_step(self) -> int:
+        """Sequences read per optimizer step across all micro-steps and ranks."""
+        return self.batch_size * self.grad_accum * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Optimizer steps needed to read every window once (epoch mode)."""
+        return -(-self.windows_per_epoch // self.samples_per_step)
+
+    def epoch_of(self, step: int) -> int:
+        """Epoch (from 0) that the first sequence of ``step`` belongs to (epoch mode)."""
+        return step * self.samples_per_step // self.windows_per_epoch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        perm = self._perm_cache.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.windows_per_epoch)
+            if len(self._perm_cache) > 2:  # a batch spans at most two epochs
+                self._perm_cache.clear()
+            self._perm_cache[epoch] = perm
+        return perm
+
+    def offsets(self, step: int, micro_step: int = 0) -> np.ndarray:
+        """Start offsets (tokens) of the batch's windows: a pure function of the arguments."""
+        if self.mode == "random":
+            rng = np.random.default_rng([self.seed, step, micro_step, self.rank])
+            return rng.integers(0, self.num_tokens - self.context, size=self.batch_size)
+        first = (step * self.grad_accum + micro_step) * self.world_size + self.rank
+        samples = first * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+        epochs, within = np.divmod(samples, self.windows_per_epoch)
+        windows = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            windows[mask] = self._permutation(int(epoch))[within[mask]]
+        return windows * self.stride
+
+    # --------------------------------------------------------------------------------- reading
+    def _data(self) -> np.ndarray:
+        if self._array is not None:
+            return self._array
+        # Re-opened on each call, as nanoGPT does: a long-lived memmap keeps every page it has
+        # touched mapped, which shows up as steadily growing memory use.
+        return np.memmap(self.path, dtype=self._dtype, mode="r")
+
+    def get_batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), int64 tensors of shape (batch_size, context) on ``device``; y is x shifted."""
+        starts = self.offsets(step, micro_step)
+        index = starts[:, None] + np.arange(self.context + 1)  # (B, T+1)
+        windows = torch.from_numpy(self._data()[index].astype(np.int64))
+        x, y = windows[:, :-1], windows[:, 1:]
+        if self.device.type == "cuda":
+            # Pinned host memory lets the copy overlap with compute.
+            x = x.contiguous().pin_memory().to(self.device, non_blocking=True)
+            y = y.contiguous().pin_memory().to(self.device, non_blocking=True)
+        else:
+            x, y = x.contiguous().to(self.device), y.contiguous().to(self.device)
+        return x, y
+
+    def __repr__(self) -> str:
+        source = self.path or "array"
+        return (
+            f"TokenBatches({source}, tokens={self.num_tokens}, context={self.context}, "
+            f"batch_size={self.batch_size}, mode={self.mode})"
+        )

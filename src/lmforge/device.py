@@ -1,0 +1,127 @@
+"""The one place that picks the device and the precision, and says why."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Precision:
+    device: torch.device
+    dtype: str  # fp32 | bf16 | fp16: the autocast dtype of forward/backward (weights stay fp32)
+    use_scaler: bool  # fp16 needs a GradScaler against underflowing gradients
+    reason: str
+
+    def autocast(self):
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.dtype])
+
+    def describe(self) -> str:
+        return f"device {self.device}, precision {self.dtype} ({self.reason})"
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads slow small matmuls down); falls back to logical CPUs."""
+    logical = os.cpu_count() or 1
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return logical
+    cores, socket = set(), ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "physical id":
+            socket = value.strip()
+        elif key.strip() == "core id":
+            cores.add((socket, value.strip()))
+    return max(1, min(len(cores), logical)) if cores else logical
+
+
+def pick(device: str = "auto", dtype: str = "auto") -> Precision:
+    """cuda -> mps -> cpu; bf16 where supported, else fp16 + scaler; fp32 on CPU unless asked."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            dev, why = torch.device("cuda"), "CUDA is available"
+        elif torch.backends.mps.is_available():
+            dev, why = torch.device("mps"), "Apple GPU (MPS) is available"
+        else:
+            dev, why = torch.device("cpu"), "no CUDA or MPS device found"
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise UserError(
+                f"train.device: unknown device '{device}' (auto, cuda, mps, cpu)"
+            ) from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("train.device=cuda but CUDA is not available: use train.device=auto")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError("train.device=mps but MPS is not available: use train.device=auto")
+        why = "asked for"
+    if dtype == "auto":
+        if dev.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return Precision(dev, "bf16", False, f"{why}; bf16 autocast is supported")
+            return Precision(dev, "fp16", True, f"{why}; no bf16 on this GPU: fp16 + grad scaler")
+        if dev.type == "mps":
+            return Precision(dev, "bf16", False, f"{why}; bf16 autocast on the Apple GPU")
+        return Precision(dev, "fp32", False, f"{why}; fp32 is fastest and exact on CPU")
+    if dtype not in DTYPES:
+        raise UserError(f"train.dtype: unknown dtype '{dtype}' (auto, fp32, bf16, fp16)")
+    if dtype == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("train.dtype=bf16 is not supported on this GPU: use fp16 or auto")
+    return Precision(
+        dev, dtype, dtype == "fp16" and dev.type == "cuda", f"{why}; asked for {dtype}"
+    )
+
+
+def setup_threads(threads: int) -> int:
+    """CPU threads for intra-op parallelism (0 = physical cores). Returns the number used."""
+    n = threads or physical_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+def enable_tf32() -> None:
+    """TF32 matmuls on Ampere+ GPUs: ~8x faster fp32 matmuls with 10-bit mantissas."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def environment() -> dict[str, str]:
+    """What `lmforge env` prints."""
+    precision = pick()
+    flash = "no CUDA device"
+    if torch.cuda.is_available():
+        flash = "yes" if torch.backends.cuda.flash_sdp_enabled() else "disabled"
+    try:
+        import importlib
+
+        importlib.import_module("torch._dynamo")
+        compile_ok = "yes (torch.compile importable)"
+    except Exception as e:  # an optional feature: report, do not fail
+        compile_ok = f"no ({type(e).__name__})"
+    info = {
+        "torch": torch.__version__,
+        "device": str(precision.device),
+        "precision": f"{precision.dtype} ({precision.reason})",
+        "threads": f"{torch.get_num_threads()} (physical cores: {physical_cores()}, "
+        f"logical: {os.cpu_count()})",
+        "compile": compile_ok,
+        "flash attention": flash,
+        "cuda": torch.version.cuda or "none",
+        "mps": str(torch.backends.mps.is_available()),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info

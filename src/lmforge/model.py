@@ -1,0 +1,408 @@
+"""The transformer: Llama-style blocks (RMSNorm, RoPE, SDPA attention, SwiGLU) or GPT-2 blocks.
+
+Read top to bottom: norms and rotary embeddings, the two attention variants, the two feed-forwards,
+the blocks, the model (forward with a chunked loss), then generation with a KV cache.
+Shapes in comments: B batch, T time, H heads, K key/value heads, D head dim, C model width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lmforge.config import ModelConfig
+from lmforge.loss import IGNORE_INDEX, chunked_cross_entropy
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Llama does): bf16 squares lose too much precision.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return normed * self.weight
+
+
+def rope_tables(head_dim: int, positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of every (position, frequency), no learned parameters. Each (positions, D)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+    angles = torch.cat([freqs, freqs], dim=-1)  # halves layout, as Hugging Face Llama
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, D); cos/sin (B, 1, T, D)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, grown in place during generation."""
+
+    def __init__(self, n_layers: int, max_len: int):
+        self.n_layers, self.max_len = n_layers, max_len
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.length = 0  # positions already stored (same for every layer after a full forward)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        # k, v (B, K, T, D) -> all keys/values so far (B, K, length + T, D)
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.keys[layer] = k.new_zeros(shape)
+            self.values[layer] = v.new_zeros(shape)
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention. llama: separate q/k/v, RoPE, optional GQA and QK-norm, no
+    biases. gpt2: one fused qkv projection with biases, positions come from learned embeddings."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.block = layer, cfg.block
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        if cfg.block == "llama":
+            self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+            self.wk = nn.Linear(cfg.dim, self.n_kv * self.head_dim, bias=False)
+            self.wv = nn.Linear(cfg.dim, self.n_kv * self.head_dim, bias=False)
+            self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        else:
+            self.c_attn = nn.Linear(cfg.dim, 3 * cfg.dim, bias=True)
+            self.c_proj = nn.Linear(cfg.dim, cfg.dim, bias=True)
+
+    def forward(self, x, rope, mask, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        if self.block == "llama":
+            q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+            v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        else:
+            q, k, v = (
+                t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+                for t in self.c_attn(x).split(C, dim=2)
+            )
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if self.n_kv != self.n_heads:  # GQA: each key/value head serves n_heads / n_kv queries
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        # SDPA picks FlashAttention / memory-efficient kernels on CUDA when it can.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
+        return self.wo(y) if self.block == "llama" else self.c_proj(y)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=False)  # up
+        self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)  # down (a residual projection)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.dim, cfg.hidden, bias=True)
+        self.c_proj = nn.Linear(cfg.hidden, cfg.dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        if cfg.block == "llama":
+            self.norm1, self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
+            self.ffn: nn.Module = SwiGLU(cfg)
+        else:
+            self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+            self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+            self.ffn = GeluMLP(cfg)
+        self.attn = Attention(cfg, layer)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), rope, mask, cache))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+RESIDUAL_PROJECTIONS = (
+    "attn.wo.weight",
+    "ffn.w2.weight",
+    "attn.c_proj.weight",
+    "ffn.c_proj.weight",
+)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.activation_checkpointing = False
+        self.wte = nn.Embedding(cfg.padded_vocab, cfg.dim)
+        self.wpe = nn.Embedding(cfg.max_context, cfg.dim) if cfg.block == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm_f = (
+            RMSNorm(cfg.dim, cfg.norm_eps)
+            if cfg.block == "llama"
+            else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        )
+        self.lm_head = nn.Linear(cfg.dim, cfg.padded_vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.block == "llama":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_context, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, std); residual projections std/sqrt(2*layers) (GPT-2); biases 0, norms 1."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                scale = (
+                    1 / math.sqrt(2 * self.cfg.n_layers)
+                    if name.endswith(RESIDUAL_PROJECTIONS)
+                    else 1
+                )
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+        if (
+            self.cfg.block == "llama"
+        ):  # buffers are not parameters: rebuild after a meta-device init
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_context, self.cfg.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """idx (B, T) token ids. With targets (B, T): the loss (chunked, -100 ignored). Without:
+        logits (B, T, V) over the padded vocabulary, or (B, 1, V) with last_only.
+
+        position_ids (B, T) restart per example in packed rows; doc_ids (B, T) forbid attention
+        across packed examples; key_valid (B, past + T) marks real (non-padding) key positions.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=idx.device).expand(B, T)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        else:
+            rope = (self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None])
+        x = self.drop(x)
+        mask = attention_mask(T, past, idx.device, doc_ids, key_valid)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.norm_f(x)
+        if targets is not None:
+            return chunked_cross_entropy(
+                x, self.lm_head.weight, targets, reduction=reduction, ignore_index=IGNORE_INDEX
+            )
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]] | Sequence[int],
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop_tokens: Sequence[int] = (),
+        seed: int | None = None,
+        vocab_limit: int | None = None,
+        pad_id: int = 0,
+        on_token: Callable[[int, int], None] | None = None,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Sample continuations of one prompt or a batch of prompts (of any lengths).
+
+        temperature 0 is greedy. `stop_tokens` end a row (the stop token is not returned).
+        `vocab_limit` forbids ids at or above it (the padded, never-trained rows). `on_token(row,
+        id)` streams each new token as it is chosen. Returns the new ids of each row.
+        """
+        single = len(prompts) > 0 and isinstance(prompts[0], int)
+        rows = [list(prompts)] if single else [list(p) for p in prompts]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("generate() needs at least one prompt token per row")
+        device = self.wte.weight.device
+        context = self.cfg.context
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+        was_training = self.training
+        self.eval()
+        seqs = [list(r) for r in rows]
+        outputs: list[list[int]] = [[] for _ in rows]
+        finished = [False] * len(rows)
+        stop = set(stop_tokens)
+        cache: KVCache | None = None
+        window = context
+        for _ in range(max_new_tokens):
+            if cache is None or cache.length >= context:
+                # (Re)fill: left-pad the rows to one length; positions count real tokens only.
+                # Past the context, a cached run keeps the newest half and fills again.
+                idx, key_valid, positions = left_pad([s[-window:] for s in seqs], pad_id, device)
+                cache = KVCache(self.cfg.n_layers, context) if use_cache else None
+                window = context // 2 if use_cache else context
+                logits = self(
+                    idx, position_ids=positions, key_valid=key_valid, cache=cache, last_only=True
+                )
+            else:  # one new position per row, attending to everything cached
+                idx = torch.tensor([[s[-1]] for s in seqs], device=device)
+                positions = positions[:, -1:] + 1
+                key_valid = torch.cat([key_valid, key_valid.new_ones(len(seqs), 1)], dim=1)
+                logits = self(idx, position_ids=positions, key_valid=key_valid, cache=cache)
+            next_ids = sample_next(
+                logits[:, -1].float(),
+                seqs,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                vocab_limit,
+                generator,
+            )
+            for row, token in enumerate(next_ids.tolist()):
+                seqs[row].append(token)
+                if finished[row]:
+                    continue
+                if token in stop:
+                    finished[row] = True
+                    continue
+                outputs[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+            if all(finished):
+                break
+        self.train(was_training)
+        return outputs[0] if single else outputs
+
+
+def attention_mask(
+    T: int, past: int, device, doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Boolean (B, 1, T, past+T) mask (True = may attend), or None for plain causal attention."""
+    if doc_ids is None and key_valid is None and past == 0:
+        return None
+    q_pos = torch.arange(past, past + T, device=device)[:, None]
+    k_pos = torch.arange(past + T, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, past+T)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]
+    if doc_ids is not None:  # packed rows: a token sees only its own example
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    if key_valid is not None:
+        # A padding query row would see no key at all (NaN softmax): let it see itself.
+        eye = torch.zeros_like(mask)
+        eye[..., torch.arange(T), torch.arange(past, past + T)] = True
+        mask = mask | eye
+    return mask
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device):
+    """Rows of different lengths -> ids (B, T), key_valid (B, T), position_ids (B, T)."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((len(rows), length), dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r) :] = torch.tensor(r, device=device)
+        valid[i, length - len(r) :] = True
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    return ids, valid, positions
+
+
+def sample_next(
+    logits: torch.Tensor,
+    seqs: list[list[int]],
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+    vocab_limit: int | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One token per row from logits (B, V): penalty, temperature, top-k, top-p, then sample."""
+    if vocab_limit is not None:
+        logits[:, vocab_limit:] = float("-inf")
+    if repetition_penalty != 1.0:  # CTRL-style: make tokens already present less likely
+        for row, seq in enumerate(seqs):
+            seen = torch.tensor(sorted(set(seq)), device=logits.device)
+            picked = logits[row, seen]
+            logits[row, seen] = torch.where(
+                picked > 0, picked / repetition_penalty, picked * repetition_penalty
+            )
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) > top_p  # keep the first token past p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

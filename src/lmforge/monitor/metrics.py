@@ -1,0 +1,243 @@
+"""Where a metrics row is written: training.log, training_metrics.csv, metrics.jsonl, TensorBoard.
+
+Also the two numbers the trainer needs to report efficiency: FLOPs per token and MFU.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import UserError
+
+# The fixed column order of logs/training_metrics.csv (scripts and `lmforge report` rely on it).
+COLUMNS = (
+    "step", "tokens_seen", "elapsed_s", "loss", "lr", "grad_norm", "ms_per_step",
+    "tokens_per_s", "mfu", "memory_mb", "val_loss", "val_ppl",
+)  # fmt: skip
+CSV_NAME, JSONL_NAME, LOG_NAME = "training_metrics.csv", "metrics.jsonl", "training.log"
+
+
+def _compact(value: Any) -> Any:
+    """6 significant digits: enough for a loss curve, and the CSV stays readable."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.6g}")
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else str(value)  # "nan" stays visible
+    return str(value)
+
+
+def _step_of(value: Any) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None  # a torn last line from a kill -9
+
+
+def _kept(value: Any, resume_step: int) -> bool:
+    row_step = _step_of(value)
+    return row_step is not None and row_step <= resume_step
+
+
+class MetricsWriter:
+    """Appends one row per logged step to the CSV and JSONL files, flushed at once.
+
+    Flushing after each row means a crashed or killed process loses nothing it wrote (a power cut
+    can still lose what the OS had buffered; the resume truncation below copes with either).
+
+    * `resume_step=k`: rows with step > k (logged after the checkpoint we resume from) are dropped,
+      because the resumed run writes them again; the files are rewritten atomically.
+    * `fresh=True`: existing files are moved aside to `*.old`, never deleted.
+    * neither, with files present: UserError — silently appending to or wiping an earlier run's
+      logs would both be wrong, so the caller must choose.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | Path,
+        resume_step: int | None = None,
+        tensorboard: bool = False,
+        fresh: bool = False,
+    ) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.log_dir / CSV_NAME
+        self.jsonl_path = self.log_dir / JSONL_NAME
+        self.log_path = self.log_dir / LOG_NAME
+        existing = [p for p in (self.csv_path, self.jsonl_path) if p.exists()]
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif fresh:
+            for path in (*existing, self.log_path):
+                if path.exists():
+                    os.replace(path, path.with_name(path.name + ".old"))
+        elif existing:
+            raise UserError(
+                f"{existing[0]} already holds an earlier run's metrics: resume that run "
+                "(train.resume=auto) or use a new run.dir"
+            )
+        new_csv = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+        self._csv = open(self.csv_path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+        self._csv_writer = csv.DictWriter(
+            self._csv, COLUMNS, extrasaction="ignore", lineterminator="\n"
+        )
+        if new_csv:
+            self._csv_writer.writeheader()
+            self._csv.flush()
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._tb = _open_tensorboard(self.log_dir.parent / "tensorboard") if tensorboard else None
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep only rows with step <= `step`; written to a temp file then renamed over."""
+        if self.csv_path.exists():
+            with open(self.csv_path, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if _kept(r.get("step"), step)]
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows({k: row.get(k) or "" for k in COLUMNS} for row in rows)
+            _atomic_write(self.csv_path, buf.getvalue())
+        if self.jsonl_path.exists():
+            kept = []
+            for line in self.jsonl_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if _kept(json.loads(line).get("step"), step):
+                        kept.append(line + "\n")
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+            _atomic_write(self.jsonl_path, "".join(kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        """One logged step. Keys outside COLUMNS go to the JSONL only; None is an empty cell."""
+        self._csv_writer.writerow({k: _cell(row.get(k)) for k in COLUMNS})
+        self._csv.flush()
+        full = {**dict.fromkeys(COLUMNS), **row}  # the CSV's columns, then any extras
+        self._jsonl.write(json.dumps({k: _compact(v) for k, v in full.items()}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            step = int(row["step"])
+            for key, value in row.items():
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if key != "step" and numeric:
+                    tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                    self._tb.add_scalar(tag, value, step)
+
+    def log_line(self, text: str) -> None:
+        """A human line: to the terminal and to logs/training.log."""
+        print(text, flush=True)
+        self._log.write(text + "\n")
+        self._log.flush()
+
+    def close(self) -> None:
+        for f in (self._csv, self._jsonl, self._log):
+            if not f.closed:
+                f.flush()
+                os.fsync(f.fileno())  # the end of a run survives a power cut
+                f.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _open_tensorboard(path: Path) -> Any:
+    try:  # lazily: tensorboard is an optional extra
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise UserError(
+            "log.tensorboard=true needs the tensorboard package: pip install 'lmforge[tensorboard]'"
+        ) from e
+    return SummaryWriter(log_dir=str(path))
+
+
+# Dense tensor-core peaks in FLOP/s per GPU, from the vendors' datasheets, as
+# (bf16/fp16 with fp32 accumulate, fp32). The fp32 figure is the TF32 tensor-core peak where the
+# chip has TF32 (Ampere and later): lmforge turns TF32 on, so fp32 matmuls run there. That is
+# generous — TF32 keeps a 10-bit mantissa, and non-matmul work runs at the much lower plain fp32
+# rate — so fp32 MFU reads lower than the same run in bf16 would. Chips without TF32 (V100, T4)
+# use their plain fp32 peak and their fp16 peak for half precision (they have no bf16 units).
+# Sparse ("with sparsity") datasheet figures are 2x these and never used. Order matters:
+# the first pattern that matches the device name wins.
+GPU_PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
+    (r"h100.*pcie", 756e12, 378e12),
+    (r"h100.*nvl", 835e12, 418e12),
+    (r"\bgh200|\bh200|\bh100", 989e12, 495e12),  # SXM; H200 has H100's compute, more memory
+    (r"\bb200", 2250e12, 1100e12),
+    (r"\ba100", 312e12, 156e12),
+    (r"\bl40s\b", 362e12, 183e12),
+    (r"\bl40\b", 181e12, 90e12),
+    (r"\ba10g\b", 125e12, 62.5e12),  # AWS's A10 variant; NVIDIA publishes A10's figures only
+    (r"\ba10\b", 125e12, 62.5e12),
+    (r"\bl4\b", 121e12, 60e12),
+    (r"rtx a6000|a6000", 155e12, 77e12),
+    (r"rtx 4090", 165e12, 82.6e12),
+    (r"rtx 3090", 71e12, 35.6e12),
+    (r"\bv100", 125e12, 15.7e12),
+    (r"\bt4\b", 65e12, 8.1e12),
+)
+
+
+def peak_flops_for(device_name: str, dtype: str) -> float | None:
+    """Datasheet peak for a CUDA device name (torch.cuda.get_device_name()), or None if unknown."""
+    name = device_name.lower()
+    half = any(h in dtype.lower() for h in ("bf16", "bfloat16", "fp16", "float16", "half"))
+    for pattern, half_peak, fp32_peak in GPU_PEAK_FLOPS:
+        if re.search(pattern, name):
+            return half_peak if half else fp32_peak
+    return None
+
+
+def mfu(
+    flops_per_token: float,
+    tokens_per_s: float,
+    device_name: str,
+    dtype: str,
+    peak_flops: float | None = None,
+) -> float | None:
+    """Model FLOPs utilisation as a fraction (0.41), or None when the peak is unknown.
+
+    CPU and MPS have no honest single peak figure, so they give None unless `peak_flops` is passed.
+    """
+    peak = peak_flops if peak_flops is not None else peak_flops_for(device_name, dtype)
+    if not peak or tokens_per_s <= 0:
+        return None
+    return flops_per_token * tokens_per_s / peak
+
+
+def flops_per_token(n_params: int, n_layers: int, dim: int, context: int) -> int:
+    """Training FLOPs per token: 6·N + 12·L·d·T (PaLM appendix B, as nanoGPT counts).
+
+    N is all parameters minus learned position embeddings (nanoGPT's
+    `get_num_params(non_embedding=True)`): the tied token embedding counts once, because as the
+    LM head it is a matmul; a position-embedding lookup is not. With RoPE there is nothing to
+    subtract. 6 = forward + backward multiply-adds per weight; 12·L·d·T is attention's QK^T and
+    AV, which no weight accounts for (T = context, the full, non-causal-discounted count).
+    """
+    return 6 * int(n_params) + 12 * n_layers * dim * context

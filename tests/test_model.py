@@ -1,0 +1,238 @@
+"""The model: exact parameter counts, equal logits to Hugging Face, chunked loss, generation."""
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig, model_config
+from lmforge.info import count_parameters, flops_per_token
+from lmforge.loss import chunked_cross_entropy, plain_cross_entropy
+from lmforge.model import Transformer
+
+
+@pytest.mark.parametrize(
+    "preset, expected, padded",
+    [
+        ("seed-59m", 59_294_720, 59_318_784),
+        ("trm-23m", 23_562_560, 23_577_600),
+        ("trm-51m", 51_082_752, 51_106_816),
+        ("gpt2-124m", 124_439_808, 124_475_904),
+    ],
+)
+def test_preset_parameter_counts_are_exact(preset, expected, padded):
+    cfg = model_config(preset)
+    assert count_parameters(cfg) == expected
+    assert count_parameters(cfg, padded=True) == padded
+    assert cfg.padded_vocab == 50_304
+
+
+def test_flops_per_token_follows_palm_formula():
+    cfg = model_config("gpt2-124m")
+    n = count_parameters(cfg, padded=True) - 1024 * 768
+    assert flops_per_token(cfg) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(
+        preset="tiny",
+        block="llama",
+        n_layers=2,
+        dim=32,
+        n_heads=4,
+        context=32,
+        max_context=64,
+        vocab_size=97,
+        pad_vocab_multiple=1,
+    )
+    base.update(kw)
+    return model_config("tiny", **base)
+
+
+def llama_pair(n_kv_heads: int, tie: bool):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_kv_heads=n_kv_heads, tie_embeddings=tie)
+    ours = Transformer(cfg).eval()
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.padded_vocab,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.max_context,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=tie,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    sd = {
+        "model.embed_tokens.weight": ours.wte.weight,
+        "model.norm.weight": ours.norm_f.weight,
+        "lm_head.weight": ours.lm_head.weight,
+    }
+    for i, b in enumerate(ours.blocks):
+        p = f"model.layers.{i}."
+        sd.update(
+            {
+                p + "self_attn.q_proj.weight": b.attn.wq.weight,
+                p + "self_attn.k_proj.weight": b.attn.wk.weight,
+                p + "self_attn.v_proj.weight": b.attn.wv.weight,
+                p + "self_attn.o_proj.weight": b.attn.wo.weight,
+                p + "mlp.gate_proj.weight": b.ffn.w1.weight,
+                p + "mlp.up_proj.weight": b.ffn.w3.weight,
+                p + "mlp.down_proj.weight": b.ffn.w2.weight,
+                p + "input_layernorm.weight": b.norm1.weight,
+                p + "post_attention_layernorm.weight": b.norm2.weight,
+            }
+        )
+    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=not tie)
+    return ours, hf
+
+
+@pytest.mark.parametrize("n_kv_heads, tie", [(0, True), (2, True), (2, False), (1, False)])
+def test_llama_logits_equal_hugging_face(n_kv_heads, tie):
+    ours, hf = llama_pair(n_kv_heads, tie)
+    idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+def test_gpt2_logits_equal_hugging_face():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tiny_cfg(block="gpt2", max_context=64)
+    ours = Transformer(cfg).eval()
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=cfg.padded_vocab,
+            n_positions=cfg.max_context,
+            n_embd=cfg.dim,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_inner=cfg.hidden,
+            layer_norm_epsilon=cfg.norm_eps,
+            activation_function="gelu_new",
+        )
+    ).eval()
+    sd = {
+        "transformer.wte.weight": ours.wte.weight,
+        "transformer.wpe.weight": ours.wpe.weight,
+        "transformer.ln_f.weight": ours.norm_f.weight,
+        "transformer.ln_f.bias": ours.norm_f.bias,
+        "lm_head.weight": ours.lm_head.weight,
+    }
+    for i, b in enumerate(ours.blocks):
+        p = f"transformer.h.{i}."
+        # HF GPT-2 stores Conv1D weights as (in, out): the transpose of nn.Linear's.
+        sd.update(
+            {
+                p + "ln_1.weight": b.norm1.weight,
+                p + "ln_1.bias": b.norm1.bias,
+                p + "ln_2.weight": b.norm2.weight,
+                p + "ln_2.bias": b.norm2.bias,
+                p + "attn.c_attn.weight": b.attn.c_attn.weight.t(),
+                p + "attn.c_attn.bias": b.attn.c_attn.bias,
+                p + "attn.c_proj.weight": b.attn.c_proj.weight.t(),
+                p + "attn.c_proj.bias": b.attn.c_proj.bias,
+                p + "mlp.c_fc.weight": b.ffn.c_fc.weight.t(),
+                p + "mlp.c_fc.bias": b.ffn.c_fc.bias,
+                p + "mlp.c_proj.weight": b.ffn.c_proj.weight.t(),
+                p + "mlp.c_proj.bias": b.ffn.c_proj.bias,
+            }
+        )
+    missing, unexpected = hf.load_state_dict(
+        {k: v.detach().clone() for k, v in sd.items()}, strict=False
+    )
+    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing)
+    idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(ours(idx), hf(idx).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_chunked_loss_equals_plain_with_ignored_positions(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 13, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (5, 13), generator=g)
+    targets[0, :4] = -100
+    targets[3, 7:] = -100
+    for reduction in ("mean", "sum"):
+        plain = plain_cross_entropy(hidden, weight, targets, reduction=reduction)
+        gh, gw = torch.autograd.grad(plain, (hidden, weight))
+        chunked = chunked_cross_entropy(
+            hidden, weight, targets, chunk_size=chunk, reduction=reduction
+        )
+        ch, cw = torch.autograd.grad(chunked * 1.0, (hidden, weight))
+        assert torch.allclose(chunked, plain, atol=1e-5)
+        assert torch.allclose(ch, gh, atol=1e-5) and torch.allclose(cw, gw, atol=1e-5)
+
+
+def test_model_loss_matches_logits_cross_entropy():
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg())
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 16))
+    logits = model(idx)
+    expected = torch.nn.functional.cross_entropy(
+        logits.view(-1, logits.shape[-1]), targets.view(-1)
+    )
+    assert torch.allclose(model(idx, targets), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["llama", "gpt2"])
+def test_cached_and_uncached_greedy_decoding_agree(block):
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(block=block, context=48))
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 9, 10]]  # different lengths: left padding inside
+    cached = model.generate(prompts, 30, temperature=0, use_cache=True)
+    uncached = model.generate(prompts, 30, temperature=0, use_cache=False)
+    assert cached == uncached
+    single = model.generate(prompts[1], 30, temperature=0)
+    assert single == cached[1]  # padding does not change a row's result
+
+
+def test_generate_options_seed_stop_and_stream():
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg())
+    a = model.generate([1, 2, 3], 20, temperature=0.9, top_k=10, top_p=0.9, seed=3)
+    b = model.generate([1, 2, 3], 20, temperature=0.9, top_k=10, top_p=0.9, seed=3)
+    assert a == b and len(a) == 20
+    streamed = []
+    out = model.generate(
+        [1, 2, 3], 20, temperature=0.9, seed=3, on_token=lambda r, t: streamed.append(t)
+    )
+    assert streamed == out
+    stop = out[5]
+    stopped = model.generate([1, 2, 3], 20, temperature=0.9, seed=3, stop_tokens=[stop])
+    assert stopped == out[: out.index(stop)]
+    limited = model.generate([1, 2, 3], 50, temperature=2.0, seed=1, vocab_limit=10)
+    assert max(limited) < 10
+    penalised = model.generate([1, 2, 3], 20, temperature=0, repetition_penalty=50.0)
+    assert len(set(penalised)) > len(set(model.generate([1, 2, 3], 20, temperature=0))) - 1
+
+
+def test_padded_doc_ids_isolate_examples():
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg()).eval()
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    doc_ids = torch.tensor([[0] * 7 + [1] * 5])
+    with torch.no_grad():
+        out = model(packed, position_ids=positions, doc_ids=doc_ids)
+        assert torch.allclose(out[:, :7], model(a), atol=1e-5)
+        assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(dim=256, n_layers=8, vocab_size=1000)
+    model = Transformer(cfg)
+    assert abs(model.blocks[0].attn.wq.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].attn.wo.weight.std().item() - 0.02 / 4) < 0.001
+    assert model.lm_head.weight is model.wte.weight

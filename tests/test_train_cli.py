@@ -1,0 +1,271 @@
+"""`lmforge train` end to end on a tiny model: resume after SIGTERM and kill -9 gives the same
+curve, corrupt checkpoints are skipped, keep-last, write errors, config errors."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "--model.n_layers=2",
+    "--model.dim=32",
+    "--model.n_heads=2",
+    "--model.context=64",
+    "--train.batch_size=4",
+    "--schedule.warmup_steps=5",
+    "--optim.lr=3e-3",
+    "--train.sample_every=0",
+    "--log.plot_every=0",
+    "--train.warmup_passes=0",
+    "--log.log_every=1",
+    "--train.eval_every=10",
+    "--train.eval_batches=2",
+    "--train.save_every_minutes=0",
+]
+COMPARED = ("step", "tokens_seen", "loss", "lr", "grad_norm", "val_loss")
+
+
+def lmforge(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=300, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "stories"
+    result = lmforge("prepare", "--builtin", "stories", "--size-mb", "0.3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "logs" / "training_metrics.csv", newline="") as f:
+        return [{k: r[k] for k in COMPARED} for r in csv.DictReader(f)]
+
+
+def train(data_dir: Path, run: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
+    return lmforge("train", f"--data.dir={data_dir}", f"--run.dir={run}", *TINY, *extra, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> list[dict[str, str]]:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    result = train(data_dir, run, "--train.max_steps=60", "--train.save_every=10")
+    assert result.returncode == 0, result.stderr
+    assert (run / "checkpoints" / "final_model.pt").is_file()
+    return rows(run)
+
+
+def start_and_signal(
+    data_dir: Path, run: Path, sig: int, after_step: int, *extra: str
+) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lmforge",
+            "train",
+            f"--data.dir={data_dir}",
+            f"--run.dir={run}",
+            *TINY,
+            "--train.max_steps=60",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    csv_path = run / "logs" / "training_metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if csv_path.exists() and len(csv_path.read_text().splitlines()) > after_step:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=120)
+    return proc
+
+
+def test_sigterm_saves_and_resume_continues_the_same_curve(data_dir, reference, tmp_path):
+    run = tmp_path / "run"
+    proc = start_and_signal(data_dir, run, signal.SIGTERM, 15, "--train.save_every=1000")
+    assert proc.returncode == 0, proc.stderr.read()
+    steps = sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("step_*.pt"))
+    assert len(steps) == 1 and 15 <= steps[0] < 60  # the checkpoint written on SIGTERM
+    resumed = train(
+        data_dir, run, "--train.max_steps=60", "--train.resume=auto", "--train.save_every=1000"
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert rows(run) == reference  # every row, before and after the interruption, bit for bit
+
+
+def test_kill_9_loses_only_steps_since_last_checkpoint(data_dir, reference, tmp_path):
+    run = tmp_path / "run"
+    proc = start_and_signal(data_dir, run, signal.SIGKILL, 25, "--train.save_every=10")
+    assert proc.returncode == -signal.SIGKILL
+    resumed = train(data_dir, run, "--train.max_steps=60", "--train.save_every=10")
+    assert resumed.returncode == 0, resumed.stderr
+    assert rows(run) == reference
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_newest_checkpoint_is_reported_and_previous_used(data_dir, tmp_path, damage):
+    run = tmp_path / "run"
+    assert train(data_dir, run, "--train.max_steps=20", "--train.save_every=10").returncode == 0
+    newest = run / "checkpoints" / "step_20.pt"
+    blob = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    else:
+        blob[len(blob) // 2] ^= 0xFF
+    newest.write_bytes(bytes(blob))
+    bad = sha(newest)
+    result = train(data_dir, run, "--train.max_steps=30", "--train.save_every=10")
+    assert result.returncode == 0, result.stderr
+    warnings = [
+        line
+        for line in result.stdout.splitlines()
+        if "step_20.pt" in line
+        and "corrupt" in line
+        or "step_20.pt" in line
+        and "cannot be read" in line
+    ]
+    assert len(warnings) == 1, result.stdout
+    assert "resumed from" in result.stdout and "step_10.pt" in result.stdout
+    kept = [p for p in (run / "checkpoints").iterdir() if p.suffix == ".pt" and sha(p) == bad]
+    assert kept, "the damaged file must stay for the user to inspect"
+
+
+def test_keep_last_keeps_three_plus_best_and_final(data_dir, tmp_path):
+    run = tmp_path / "run"
+    result = train(
+        data_dir,
+        run,
+        "--train.max_steps=10",
+        "--train.save_every=1",
+        "--train.keep_last=3",
+        "--train.eval_every=5",
+    )
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
+    assert names == ["best.pt", "final_model.pt", "step_10.pt", "step_8.pt", "step_9.pt"]
+
+
+def test_write_error_is_one_line_and_keeps_earlier_checkpoints(data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert train(data_dir, run, "--train.max_steps=10", "--train.save_every=10").returncode == 0
+    before = {p.name: sha(p) for p in (run / "checkpoints").iterdir()}
+
+    def small_files():  # files may not grow past 64 KiB: a checkpoint write fails (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    result = train(
+        data_dir, run, "--train.max_steps=20", "--train.save_every=5", preexec_fn=small_files
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "could not write checkpoint" in result.stderr
+    after = {p.name: sha(p) for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")}
+    assert {k: after.get(k) for k in before} == before
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--train.bogus=1"], "train.bogus"),
+        (["--train.batch_size=abc"], "train.batch_size"),
+        (["--optim.lr=0"], "optim.lr"),
+        (["--train.batch_size=0"], "train.batch_size"),
+        (["--model.context=4096"], "model.context"),
+        (["missing.yaml"], "missing.yaml"),
+    ],
+)
+def test_config_errors_are_one_line_exit_2(args, needle, tmp_path):
+    result = lmforge("train", *args, f"--run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
+    assert not (tmp_path / "run").exists()  # failed before any work
+
+
+def test_malformed_yaml_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_size: [1, 2\n")
+    result = lmforge("train", str(bad))
+    assert result.returncode == 2 and "malformed YAML" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_yaml_scientific_notation_is_a_number(tmp_path):
+    from lmforge.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 5e-4\n  min_lr: 1e-5\n")
+    cfg = load_config(str(path), ["--train.batch_size=8", "--optim.weight_decay", "0.05"])
+    assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.batch_size == 8 and cfg.optim.weight_decay == 0.05
+
+
+def test_resolved_config_is_written_and_reloads(data_dir, tmp_path):
+    from lmforge.config import load_config
+
+    run = tmp_path / "run"
+    assert train(data_dir, run, "--train.max_steps=2").returncode == 0
+    cfg = load_config(str(run / "config.yaml"))
+    assert cfg.model.dim == 32 and cfg.train.max_steps == 2 and cfg.data.dir == str(data_dir)
+
+
+def test_train_help_lists_every_key_with_default():
+    import dataclasses
+
+    from lmforge.config import SECTIONS
+
+    result = lmforge("train", "--help")
+    assert result.returncode == 0
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"--{section}.{f.name}=" in result.stdout, f"{section}.{f.name} undocumented"
+
+
+def test_non_finite_loss_stops_with_step_named(data_dir, tmp_path):
+    run = tmp_path / "run"
+    result = train(
+        data_dir,
+        run,
+        "--train.max_steps=30",
+        "--optim.lr=1e6",
+        "--train.max_grad_norm=0",
+        "--schedule.warmup_steps=0",
+        "--train.save_every=2",
+    )
+    if result.returncode == 0:
+        pytest.skip("this seed did not diverge at lr 1e6")  # guard: the point is the message
+    assert result.returncode == 2 and "at step" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert any((run / "checkpoints").glob("step_*.pt"))
+
+
+def test_phase_1_refuses_missing_data_dir(tmp_path):
+    result = lmforge("train", f"--data.dir={tmp_path / 'nope'}", f"--run.dir={tmp_path / 'r'}")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_env_prints_versions():
+    result = lmforge("env")
+    assert (
+        result.returncode == 0 and "torch" in result.stdout and "flash attention" in result.stdout
+    )

@@ -1,0 +1,276 @@
+"""The Trainer's Python API, following the seed pipeline's usage examples (seeds/004).
+
+A tiny model (2 layers, width 32) on a few KB of text: every test runs in about a second on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lmforge.config import model_config
+from lmforge.data.text import create_dataloaders
+from lmforge.model import Transformer
+from lmforge.train import Trainer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "text"
+TRAIN, VAL = FIXTURES / "train.txt", FIXTURES / "val.txt"
+MAX_LENGTH = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A width-32 model gains nothing from threads, and on a busy machine they spin: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(tokenizer, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = model_config("tiny", n_layers=2, dim=32, n_heads=2, context=64,
+                       vocab_size=tokenizer.vocab_size, pad_vocab_multiple=64)
+    return Transformer(cfg)
+
+
+def loaders(batch_size: int = 8, shuffle: bool = True, val: bool = False, seed: int = 0):
+    return create_dataloaders(TRAIN, VAL if val else None, batch_size=batch_size,
+                              max_length=MAX_LENGTH, shuffle=shuffle, seed=seed)
+
+
+def quiet_trainer(model, train_loader, val_loader=None, **kwargs) -> tuple[Trainer, list[str]]:
+    lines: list[str] = []
+    kwargs.setdefault("device", "cpu")
+    kwargs.setdefault("log_interval", 1)
+    return Trainer(model, train_loader, val_loader, log=lines.append, **kwargs), lines
+
+
+def params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------ example 1: basics
+def test_basic_training_loss_falls(tmp_path: Path) -> None:
+    train_loader, _, tokenizer = loaders()
+    model = tiny_model(tokenizer)
+    trainer, lines = quiet_trainer(model, train_loader, checkpoint_dir=tmp_path, log_interval=2,
+                                   optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
+    history = trainer.train(num_epochs=4)
+    steps = 4 * len(train_loader)
+    assert trainer.global_step == steps and trainer.current_epoch == 4
+    assert trainer.stop_reason == "finished"
+    # One train_loss per log (every 2 steps, and the last step).
+    assert history["step"] == sorted(set(range(2, steps + 1, 2)) | {steps})
+    assert len(history["train_loss"]) == len(history["step"]) == len(history["lr"])
+    assert history["train_loss"][-1] < history["train_loss"][0] - 0.5
+    assert history["train_loss"][0] < math.log(tokenizer.vocab_size) + 1.0
+    assert history == trainer.history.as_dict()
+    assert sum(line.startswith("step ") for line in lines) == len(history["step"])
+
+
+def test_default_optimizer_learns() -> None:
+    # Seed example 1 verbatim (default AdamW, no checkpoint options): the loss goes down.
+    train_loader, _, tokenizer = loaders()
+    trainer, _ = quiet_trainer(tiny_model(tokenizer), train_loader)
+    history = trainer.train(num_epochs=3)
+    assert history["train_loss"][-1] < history["train_loss"][0]
+
+
+def test_seed_keyword_names(tmp_path: Path) -> None:
+    # The seed documents Trainer(model=..., train_dataloader=..., val_dataloader=...).
+    train_loader, val_loader, tokenizer = loaders(val=True)
+    trainer = Trainer(model=tiny_model(tokenizer), train_dataloader=train_loader,
+                      val_dataloader=val_loader, device="cpu", checkpoint_dir=tmp_path,
+                      log=lambda line: None)
+    assert trainer.validate()["loss"] > 0
+
+
+# ------------------------------------------------------------------------ example 2: validation
+def test_validate_loss_and_perplexity(tmp_path: Path) -> None:
+    train_loader, val_loader, tokenizer = loaders(val=True)
+    trainer, _ = quiet_trainer(tiny_model(tokenizer), train_loader, val_loader,
+                               checkpoint_dir=tmp_path)
+    metrics = trainer.validate()
+    assert set(metrics) == {"loss", "perplexity"}
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    # An untrained model is about uniform over the (padded) vocabulary.
+    assert abs(metrics["loss"] - math.log(tokenizer.vocab_size)) < 1.5
+    assert trainer.validate() == metrics  # no state changes, no randomness
+
+
+def test_training_with_validation_fills_val_history(tmp_path: Path) -> None:
+    train_loader, val_loader, tokenizer = loaders(val=True)
+    model = tiny_model(tokenizer)
+    trainer, lines = quiet_trainer(model, train_loader, val_loader, checkpoint_dir=tmp_path,
+                                   optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
+    history = trainer.train(num_epochs=3)
+    # As the seed's example zips them: one validation per epoch.
+    assert len(history["val_loss"]) == 3
+    per_epoch = len(train_loader)
+    assert history["val_step"] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert history["val_perplexity"] == pytest.approx([math.exp(v) for v in history["val_loss"]])
+    assert history["val_loss"][-1] < history["val_loss"][0]
+    assert trainer.best_val_loss == min(history["val_loss"])
+    assert (tmp_path / "best.pt").is_file()
+    assert any(line.startswith("eval step") for line in lines)
+
+
+# ------------------------------------------------------------------------ example 3: early stop
+def test_early_stopping(tmp_path: Path) -> None:
+    train_loader, val_loader, tokenizer = loaders(val=True)
+    model = tiny_model(tokenizer)
+    # A learning rate so small that val loss moves far less than min_delta: it cannot improve.
+    trainer, lines = quiet_trainer(model, train_loader, val_loader, checkpoint_dir=tmp_path,
+                                   optimizer=torch.optim.AdamW(model.parameters(), lr=1e-9))
+    history = trainer.train(num_epochs=50, early_stopping_patience=2)
+    # Epoch 1 sets the best, epochs 2 and 3 do not improve on it: stop after epoch 3.
+    assert trainer.current_epoch == 3
+    assert trainer.global_step == 3 * len(train_loader)
+    assert len(history["val_loss"]) == 3
+    assert trainer.stop_reason.startswith("early stopping")
+    assert "2 evaluations" in trainer.stop_reason
+    assert trainer.best_val_loss == pytest.approx(history["val_loss"][0], abs=1e-3)
+    assert any(line.startswith("early stopping") for line in lines)
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_early_stopping_needs_validation_data() -> None:
+    from lmforge.errors import UserError
+
+    train_loader, _, tokenizer = loaders()
+    trainer, _ = quiet_trainer(tiny_model(tokenizer), train_loader)
+    with pytest.raises(UserError, match="validation data"):
+        trainer.train(num_epochs=2, early_stopping_patience=2)
+    with pytest.raises(UserError, match="validation data"):
+        trainer.validate()
+
+
+# ------------------------------------------------------------------------ example 4: custom
+def test_custom_optimizer_and_criterion(tmp_path: Path) -> None:
+    train_loader, val_loader, tokenizer = loaders(val=True)
+    model = tiny_model(tokenizer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    criterion = nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.1)
+    trainer, _ = quiet_trainer(model, train_loader, val_loader, optimizer=optimizer,
+                               criterion=criterion, gradient_accumulation_steps=2,
+                               max_grad_norm=0.5, checkpoint_dir=tmp_path)
+    assert trainer.optimizers == [optimizer]
+    history = trainer.train(num_epochs=4)
+    assert optimizer.param_groups[0]["lr"] == 1.0  # the user's learning rate is kept
+    assert history["train_loss"][-1] < history["train_loss"][0] - 0.3
+    assert max(history["grad_norm"]) > 0
+    # validate() uses the criterion too: its per-batch means, weighted by target tokens.
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in val_loader:
+            logits = model(batch["input_ids"])
+            loss = criterion(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+            tokens = int((batch["labels"] != -100).sum())
+            total, count = total + float(loss) * tokens, count + tokens
+    assert trainer.validate()["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+# ------------------------------------------------------------------------ example 5: resume
+@pytest.mark.parametrize("shuffle", [False, True], ids=["ordered", "seeded-shuffle"])
+def test_resume_matches_uninterrupted_run(tmp_path: Path, shuffle: bool) -> None:
+    def run(epochs_first: int | None):
+        train_loader, _, tokenizer = loaders(batch_size=4, shuffle=shuffle)
+        model = tiny_model(tokenizer)
+        directory = tmp_path / f"run_{epochs_first}"
+        trainer, _ = quiet_trainer(model, train_loader, checkpoint_dir=directory,
+                                   optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
+        if epochs_first is None:
+            return trainer.train(num_epochs=4), model
+        trainer.train(num_epochs=epochs_first)
+        path = directory / "my_checkpoint.pt"
+        trainer.save_checkpoint(path)
+        # A new process: new loaders, a new (differently initialised) model, a new Trainer.
+        train_loader, _, tokenizer = loaders(batch_size=4, shuffle=shuffle)
+        new_model = tiny_model(tokenizer, seed=123)
+        resumed, _ = quiet_trainer(new_model, train_loader, checkpoint_dir=directory,
+                                   optimizer=torch.optim.AdamW(new_model.parameters(), lr=3e-3))
+        resumed.load_checkpoint(path)
+        assert resumed.current_epoch == epochs_first
+        assert resumed.global_step == epochs_first * len(train_loader)
+        return resumed.train(num_epochs=4), new_model
+
+    history_full, model_full = run(None)
+    history_resumed, model_resumed = run(2)
+    assert history_resumed == history_full
+    for name, value in model_full.state_dict().items():
+        assert torch.equal(value, model_resumed.state_dict()[name]), name
+
+
+def test_resume_mid_epoch(tmp_path: Path) -> None:
+    # A crash between epochs' ends: the loader is fast-forwarded inside the epoch.
+    def make():
+        train_loader, _, tokenizer = loaders(batch_size=4, shuffle=False)
+        model = tiny_model(tokenizer)
+        trainer, _ = quiet_trainer(model, train_loader, checkpoint_dir=tmp_path / "mid",
+                                   optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
+        return trainer, model, len(train_loader)
+
+    full, model_full, per_epoch = make()
+    full.train(num_epochs=2)
+    first, _, _ = make()
+    first.train(max_steps=per_epoch + 3)
+    path = first.save_checkpoint()
+    resumed, model_resumed, _ = make()
+    resumed.load_checkpoint(path)
+    resumed.train(num_epochs=2)
+    assert resumed.history.as_dict() == full.history.as_dict()
+    for name, value in model_full.state_dict().items():
+        assert torch.equal(value, model_resumed.state_dict()[name]), name
+
+
+# ------------------------------------------------------------------------ accumulation
+def test_gradient_accumulation_equals_bigger_batch(tmp_path: Path) -> None:
+    big_loader, _, tokenizer = loaders(batch_size=8, shuffle=False)
+    small_loader, _, _ = loaders(batch_size=4, shuffle=False)
+    first = next(iter(big_loader))
+    # The "mean" loss of each micro-batch is divided by the accumulation steps: equal to the big
+    # batch's mean only when the micro-batches have equal numbers of target tokens (no padding).
+    assert bool((first["labels"] != -100).all())
+    models = []
+    for loader, accumulation in ((big_loader, 1), (small_loader, 2)):
+        model = tiny_model(tokenizer)
+        trainer, _ = quiet_trainer(model, loader, gradient_accumulation_steps=accumulation,
+                                   checkpoint_dir=tmp_path / str(accumulation),
+                                   optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+        trainer.train(max_steps=1)
+        assert trainer.global_step == 1
+        models.append(model)
+    start = tiny_model(tokenizer).state_dict()
+    for name, value in models[0].state_dict().items():
+        assert not torch.equal(value, start[name]) or "rope" in name, name  # it did train
+        torch.testing.assert_close(models[1].state_dict()[name], value, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------ history, checkpoints
+def test_save_history_writes_json(tmp_path: Path) -> None:
+    train_loader, val_loader, tokenizer = loaders(val=True)
+    trainer, _ = quiet_trainer(tiny_model(tokenizer), train_loader, val_loader,
+                               checkpoint_dir=tmp_path)
+    history = trainer.train(num_epochs=1, early_stopping_patience=5)
+    path = tmp_path / "history.json"
+    trainer.save_history(path)
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert saved == history
+    assert {"train_loss", "val_loss", "lr", "step"} <= set(saved)
+    assert len(saved["train_loss"]) == len(train_loader) and len(saved["val_loss"]) == 1
+
+
+def test_save_every_epoch_writes_checkpoints(tmp_path: Path) -> None:
+    train_loader, _, tokenizer = loaders()
+    trainer, _ = quiet_trainer(tiny_model(tokenizer), train_loader, checkpoint_dir=tmp_path)
+    trainer.train(num_epochs=2, save_every=1)
+    per_epoch = len(train_loader)
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == sorted(
+        [f"step_{per_epoch}.pt", f"step_{2 * per_epoch}.pt"])

@@ -236,3 +236,19 @@ def test_init_scales_residual_projections():
     assert abs(model.blocks[0].attn.wq.weight.std().item() - 0.02) < 0.002
     assert abs(model.blocks[0].attn.wo.weight.std().item() - 0.02 / 4) < 0.001
     assert model.lm_head.weight is model.wte.weight
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(dropout=0.0))
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = flag
+        loss = model(idx, targets)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))

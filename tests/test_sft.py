@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lmforge.config import Config, ModelConfig
-from lmforge.data.instruct import SFTBatches, Turn, chat_ids, render
+from lmforge.data.instruct import SFTBatches, Turn, chat_ids, pad_batch, render
 from lmforge.errors import UserError
 from lmforge.model import Transformer
 from lmforge.tokenizers import ByteTokenizer, CharTokenizer
@@ -158,14 +158,15 @@ class FixedBatches(Batches):
         return self.micro_batches[micro_step]
 
 
-def _one_sgd_step(micro_batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+def _one_sgd_step(micro_batches: list[dict[str, torch.Tensor]],
+                  normalisation: str = "tokens") -> list[torch.Tensor]:
     """Parameters after one SGD step with lr 1: the initial weights minus the gradient."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layers=2, dim=32, n_heads=2, context=64, vocab_size=257))
     model = model.double()
     settings = TrainSettings(max_steps=1, grad_accum=len(micro_batches), max_grad_norm=0.0,
                              lr=1.0, schedule="constant", warmup_passes=0,
-                             loss_normalisation="tokens")
+                             loss_normalisation=normalisation)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     trainer = Trainer(model, FixedBatches(micro_batches), optimizer=optimizer, device="cpu",
                       settings=settings, log=lambda line: None)
@@ -179,18 +180,17 @@ def test_accumulated_gradient_equals_the_whole_batch():
     examples = [render([Turn("user", f"question {i}"), Turn("assistant", "a" * (1 + 7 * i))], tok)
                 for i in range(8)]
     pad = chat_ids(tok).pad
-    whole = SFTBatches(examples, batch_size=8, pad_id=pad).batch(0, 0)
-    order = SFTBatches(examples, batch_size=8, pad_id=pad).order(0)
-    parts = [SFTBatches([examples[i] for i in order[k:k + 2]], batch_size=2, pad_id=pad,
-                        seed=0).units for k in range(0, 8, 2)]
-    micro = [SFTBatches(p, batch_size=2, pad_id=pad).batch(0, 0) for p in parts]
+    whole = pad_batch(examples, pad)
+    micro = [pad_batch(examples[k:k + 2], pad) for k in range(0, 8, 2)]
     for batch in [whole, *micro]:
         batch.pop("attention_mask")
-    assert sum(int((b["labels"] != -100).sum()) for b in micro) == int((whole["labels"] != -100).sum())
     one = _one_sgd_step([whole])
     four = _one_sgd_step(micro)
     for a, b in zip(one, four):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    # The check has teeth: averaging each micro-batch separately moves the weights elsewhere.
+    mean_four = _one_sgd_step(micro, normalisation="mean")
+    assert any(not torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(one, mean_four))
 
 
 def test_instruction_batches_run_on_across_micro_steps_and_epochs():
@@ -339,3 +339,17 @@ def test_sft_never_continues_a_pretraining_run(sft_inputs, capsys):
     assert rc == 2
     assert "choose a new --run.dir" in one_error_line(capsys.readouterr().err)
     assert checksums(tmp_path) == before
+
+
+def test_sft_resumes_and_refuses_changed_data(tmp_path, capsys):
+    init = make_tiny_run(tmp_path / "pre")
+    data = write_jsonl(tmp_path / "qa.jsonl", story_records(60))
+    run = tmp_path / "sft"
+    common = ("--init-from", init, f"--run.dir={run}", *SFT_ARGS, "--train.save_every=2")
+    assert lmforge("sft", *common, f"--sft.data={data}", "--train.max_steps=4") == 0
+    assert lmforge("sft", *common, f"--sft.data={data}", "--train.max_steps=6") == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert load_checkpoint(run / "checkpoints" / "step_6.pt")["step"] == 6
+    other = write_jsonl(tmp_path / "other.jsonl", story_records(30, seed=1))
+    assert lmforge("sft", *common, f"--sft.data={other}", "--train.max_steps=8") == 2
+    assert "changed since the checkpoint" in one_error_line(capsys.readouterr().err)

@@ -111,80 +111,58 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
-    """Import a subcommand's module only when it runs (keeps `lmforge --help` fast)."""
+def _from(module: str, func: str) -> Callable:
+    """A function of a subcommand's module, imported only when used: building the parser of
+    `lmforge prepare` must not import torch, matplotlib or transformers."""
 
-    def run(args: argparse.Namespace) -> int:
+    def call(*args):
         import importlib
 
-        return getattr(importlib.import_module(module), func)(args)
+        return getattr(importlib.import_module(module), func)(*args)
 
-    return run
-
-
-# (name, help, module with add_<x>_arguments / run_<x>, arguments adder, runner)
-def _commands() -> list[tuple[str, str, Callable, Callable]]:
-    from lmforge.data.prepare import add_prepare_arguments
-    from lmforge.monitor.report import add_compare_arguments, add_report_arguments
-
-    return [
-        (
-            "env",
-            "print torch version, device, threads, compile and flash-attention availability",
-            lambda p: None,
-            cmd_env,
-        ),
-        (
-            "model-info",
-            "parameters by part, training memory and FLOPs per token of a model",
-            add_model_info,
-            cmd_model_info,
-        ),
-        (
-            "prepare",
-            "turn text into token files (train.bin, val.bin, meta.json)",
-            add_prepare_arguments,
-            _lazy("lmforge.data.prepare", "run_prepare"),
-        ),
-        (
-            "train",
-            "pretrain a model (phase 1) on prepared data",
-            add_train_arguments,
-            _lazy("lmforge.train.cli", "run_train"),
-        ),
-        (
-            "sft",
-            "instruction-tune a pretrained model (phase 2)",
-            add_sft_arguments,
-            _lazy("lmforge.train.cli", "run_sft"),
-        ),
-        (
-            "report",
-            "plots and a text summary of a run or a training log",
-            add_report_arguments,
-            _lazy("lmforge.monitor.report", "run_report"),
-        ),
-        (
-            "compare",
-            "overlay the loss curves of several runs",
-            add_compare_arguments,
-            _lazy("lmforge.monitor.report", "run_compare"),
-        ),
-    ]
+    return call
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="lmforge",
-        formatter_class=Formatter,
-        description="Train small GPT/Llama-style language models from scratch: "
-        "prepare -> train -> sft -> report / generate / chat / eval / export.",
-    )
+# name, help, arguments adder, runner
+COMMANDS: list[tuple[str, str, Callable, Callable]] = [
+    ("env", "print torch version, device, threads, compile and flash-attention availability",
+     lambda p: None, cmd_env),
+    ("model-info", "parameters by part, training memory and FLOPs per token of a model",
+     add_model_info, cmd_model_info),
+    ("prepare", "turn text into token files (train.bin, val.bin, meta.json)",
+     _from("lmforge.data.prepare", "add_prepare_arguments"),
+     _from("lmforge.data.prepare", "run_prepare")),
+    ("train", "pretrain a model (phase 1) on prepared data",
+     add_train_arguments, _from("lmforge.train.cli", "run_train")),
+    ("sft", "instruction-tune a pretrained model (phase 2)",
+     add_sft_arguments, _from("lmforge.train.cli", "run_sft")),
+    ("generate", "sample text from a checkpoint, streamed (phase 1 or SFT)",
+     _from("lmforge.generate", "add_generate_arguments"),
+     _from("lmforge.generate", "run_generate")),
+    ("chat", "talk to an instruction-tuned checkpoint (multi-turn, streaming)",
+     _from("lmforge.generate", "add_chat_arguments"), _from("lmforge.generate", "run_chat")),
+    ("eval", "loss/perplexity on prepared data; EM/F1/accuracy on Q&A data",
+     _from("lmforge.eval_cli", "add_eval_arguments"), _from("lmforge.eval_cli", "run_eval")),
+    ("report", "plots and a text summary of a run or a training log",
+     _from("lmforge.monitor.report", "add_report_arguments"),
+     _from("lmforge.monitor.report", "run_report")),
+    ("compare", "overlay the loss curves of several runs",
+     _from("lmforge.monitor.report", "add_compare_arguments"),
+     _from("lmforge.monitor.report", "run_compare")),
+]  # fmt: skip
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s options are built (None: all, e.g. for docs and tests)."""
+    parser = Parser(prog="lmforge", formatter_class=Formatter,
+                    description="Train small GPT/Llama-style language models from scratch: "
+                    "prepare -> train -> sft -> report / generate / chat / eval / export.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for name, help_text, add_arguments, run in _commands():
+    for name, help_text, add_arguments, run in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=Formatter)
-        add_arguments(p)
+        if command is None or command == name:
+            add_arguments(p)
         p.set_defaults(run=run)
     return parser
 
@@ -192,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        parser = build_parser()
+        parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
         args, extra = parser.parse_known_args(argv)
         if args.command is None:
             parser.print_help()

@@ -170,6 +170,8 @@ class TrainConfig:
     )
     warmup_passes: int = opt(3, "untimed forward/backward passes before timing starts")
     activation_checkpointing: bool = opt(False, "recompute block activations in backward")
+    distributed: str = opt("ddp", "under torchrun: ddp, or fsdp (FSDP2 fully_shard)",
+                           ("ddp", "fsdp"))
     init_from: str = opt("", "start from these weights (checkpoint, run folder or HF folder)")
 
 

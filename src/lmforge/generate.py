@@ -51,26 +51,14 @@ class LoadedModel:
         return self.model.cfg.context
 
 
-def checkpoint_tokenizer(state: dict[str, Any]) -> Any:
-    """The tokenizer a checkpoint was trained with. gpt2 and byte have no vocabulary file (so
-    `lmforge train` leaves no tokenizer/ folder for them): they are built from their name."""
-    from lmforge.tokenizers import get_tokenizer
-    from lmforge.train.checkpoint import load_run_tokenizer
-
-    name = (state.get("tokenizer") or {}).get("name")
-    if name in ("gpt2", "byte"):
-        return get_tokenizer(name)
-    return load_run_tokenizer(state)
-
-
 def load_for_generation(ckpt_or_run: str, device: str = "auto") -> LoadedModel:
     """Model, tokenizer and phase of a checkpoint file or run folder."""
     from lmforge.device import pick
-    from lmforge.train.checkpoint import load_model
+    from lmforge.train.checkpoint import load_model, load_run_tokenizer
 
     precision = pick(device, "fp32")
     model, state = load_model(ckpt_or_run, device=precision.device)
-    tokenizer = checkpoint_tokenizer(state)
+    tokenizer = load_run_tokenizer(state)
     identity = state.get("tokenizer") or tokenizer.identity()
     return LoadedModel(model, tokenizer, str(state.get("phase", "pretrain")), state["path"],
                        identity)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.loss import default_chunk_tokens
 from lmforge.model import Transformer
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -76,7 +77,7 @@ class MemoryEstimate:
 
 
 def training_memory(
-    cfg: ModelConfig, batch: int, context: int, dtype: str = "fp32", chunk_tokens: int = 4096
+    cfg: ModelConfig, batch: int, context: int, dtype: str = "fp32", chunk_tokens: int | None = None
 ) -> MemoryEstimate:
     """Bytes for one training step with AdamW (an estimate: the allocator and kernels add some).
 
@@ -102,7 +103,7 @@ def training_memory(
         activations=activations,
         activations_checkpointed=checkpointed,
         logits_plain=2 * tokens * V * 4,
-        logits_chunked=2 * min(tokens, chunk_tokens) * V * 4,
+        logits_chunked=3 * min(tokens, chunk_tokens or default_chunk_tokens(V)) * V * 4,
     )
 
 

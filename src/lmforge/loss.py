@@ -60,11 +60,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+def default_chunk_tokens(vocab: int, budget: int = 2**25) -> int:
+    """Tokens per chunk so one chunk of logits holds about `budget` values (128 MB in fp32)."""
+    return max(128, budget // max(1, vocab))
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     vocab_limit: int | None = None,
@@ -77,6 +82,7 @@ def chunked_cross_entropy(
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
+    chunk_size = chunk_size or default_chunk_tokens(weight.shape[0])
     total = _ChunkedLinearCrossEntropy.apply(
         hidden, weight, targets, chunk_size, ignore_index, vocab_limit
     )

@@ -303,6 +303,8 @@ class Transformer(nn.Module):
                 # (Re)fill: left-pad the rows to one length; positions count real tokens only.
                 # Past the context, a cached run keeps the newest half and fills again.
                 idx, key_valid, positions = left_pad([s[-window:] for s in seqs], pad_id, device)
+                if bool(key_valid.all()):
+                    key_valid = None  # no padding: plain causal attention, the fast path
                 cache = KVCache(self.cfg.n_layers, context) if use_cache else None
                 window = context // 2 if use_cache else context
                 logits = self(
@@ -311,7 +313,8 @@ class Transformer(nn.Module):
             else:  # one new position per row, attending to everything cached
                 idx = torch.tensor([[s[-1]] for s in seqs], device=device)
                 positions = positions[:, -1:] + 1
-                key_valid = torch.cat([key_valid, key_valid.new_ones(len(seqs), 1)], dim=1)
+                if key_valid is not None:
+                    key_valid = torch.cat([key_valid, key_valid.new_ones(len(seqs), 1)], dim=1)
                 logits = self(idx, position_ids=positions, key_valid=key_valid, cache=cache)
             next_ids = sample_next(
                 logits[:, -1].float(),
@@ -343,8 +346,8 @@ def attention_mask(
     T: int, past: int, device, doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None
 ) -> torch.Tensor | None:
     """Boolean (B, 1, T, past+T) mask (True = may attend), or None for plain causal attention."""
-    if doc_ids is None and key_valid is None and past == 0:
-        return None
+    if doc_ids is None and key_valid is None and (past == 0 or T == 1):
+        return None  # plain causal (is_causal), or one new query that may see every cached key
     q_pos = torch.arange(past, past + T, device=device)[:, None]
     k_pos = torch.arange(past + T, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, past+T)

@@ -50,7 +50,8 @@ class TokenBatches:
     """(x, y) batches of ``context`` tokens from a token file or array.
 
     ``mode="random"``: each sequence is a window of context+1 tokens at an offset drawn from
-    ``np.random.default_rng([seed, step, micro_step, rank])``.
+    ``np.random.default_rng([seed, step, micro_step])`` for the global batch (batch_size x
+    world_size windows); rank r takes windows r*batch_size .. (r+1)*batch_size - 1.
     ``mode="epoch"``: non-overlapping windows every ``stride`` tokens (default ``context``),
     shuffled per epoch with ``default_rng([seed, epoch])`` and consumed in order: sequence ``j`` of
     micro-batch (step, micro_step, rank) is global sample
@@ -137,8 +138,13 @@ class TokenBatches:
     def offsets(self, step: int, micro_step: int = 0) -> np.ndarray:
         """Start offsets (tokens) of the batch's windows: a pure function of the arguments."""
         if self.mode == "random":
-            rng = np.random.default_rng([self.seed, step, micro_step, self.rank])
-            return rng.integers(0, self.num_tokens - self.context, size=self.batch_size)
+            # The whole (global) batch is drawn at once and each rank takes its slice, so N ranks
+            # with batch B read exactly what 1 process with batch N*B reads: the same loss curve.
+            rng = np.random.default_rng([self.seed, step, micro_step])
+            every = rng.integers(
+                0, self.num_tokens - self.context, size=self.batch_size * self.world_size
+            )
+            return every[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         first = (step * self.grad_accum + micro_step) * self.world_size + self.rank
         samples = first * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
         epochs, within = np.divmod(samples, self.windows_per_epoch)

@@ -619,11 +619,19 @@ def _build_tokenizer(
     bar = _progress_bar(total_bytes, f"building {name} vocabulary", progress)
     on_bytes = bar.update if bar is not None else (lambda n: None)
     try:
-        texts = (piece.text for piece in pieces(on_bytes))
-        return get_tokenizer(name, texts)
+        return get_tokenizer(name, _vocabulary_texts(pieces(on_bytes)))
     finally:
         if bar is not None:
             bar.close()
+
+
+def _vocabulary_texts(pieces: Iterator[Piece]) -> Iterator[str]:
+    """What a trained vocabulary is built from: the documents and, for the built-in corpus, its
+    questions and answers too (so "Who ...?" is not an unknown character in phase 2)."""
+    for piece in pieces:
+        yield piece.text
+        for question, answer in getattr(piece.extra, "qa", ()):
+            yield f"{question}\n{answer}"  # the SFT template puts a newline before questions
 
 
 def _encode_corpus(

@@ -220,6 +220,10 @@ def load_run_tokenizer(state: dict[str, Any]):
     identity = state.get("tokenizer")
     if not identity:
         raise CheckpointError(f"{state.get('path', 'the checkpoint')} records no tokenizer")
+    if identity.get("name") in ("gpt2", "byte"):  # no vocabulary file: built from the name
+        from lmforge.tokenizers import get_tokenizer
+
+        return get_tokenizer(identity["name"])
     path = Path(state.get("path", "."))
     for folder in (path.parent.parent / "tokenizer", path.parent / "tokenizer"):
         if folder.is_dir():

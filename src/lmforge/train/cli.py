@@ -18,6 +18,7 @@ import torch
 from lmforge import __version__
 from lmforge.config import Config, load_config, save_config
 from lmforge.device import pick, setup_threads
+from lmforge.distributed import Dist, setup, teardown, wrap
 from lmforge.errors import UserError
 from lmforge.info import count_parameters, flops_per_token
 from lmforge.model import Transformer
@@ -64,66 +65,88 @@ def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
     return run
 
 
-def make_sampler(
-    run: Path,
-    tokenizer,
-    prompts: list[str],
-    tokens: int,
-    temperature: float,
-    seed: int,
-    vocab_limit: int,
-    log,
-) -> Any:
-    """Periodic samples from fixed prompts into logs/samples.txt (own RNG: training unaffected)."""
+def make_sampler(run: Path, tokenizer, prompts: list[str], tokens: int, temperature: float,
+                 seed: int, vocab_limit: int):
+    """Periodic samples from fixed prompts into logs/samples.txt (own RNG: training unaffected).
+    Returns sample(model, step, log): `log` None on ranks that only take part (FSDP)."""
 
-    def sample(model: torch.nn.Module, step: int) -> str:
+    def sample(model: torch.nn.Module, step: int, log) -> str:
         lines = [f"=== step {step} ==="]
         for i, prompt in enumerate(prompts):
             ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-            out = model.generate(
-                ids,
-                tokens,
-                temperature=temperature,
-                seed=seed + i,
-                vocab_limit=vocab_limit,
-                stop_tokens=[tokenizer.eot_id],
-            )
+            out = model.generate(ids, tokens, temperature=temperature, seed=seed + i,
+                                 vocab_limit=vocab_limit, stop_tokens=[tokenizer.eot_id])
             lines.append(f"[{prompt}] {tokenizer.decode(out)}")
         text = "\n".join(lines)
-        with open(run / "logs" / "samples.txt", "a", encoding="utf-8") as f:
-            f.write(text + "\n\n")
-        log(text)
+        if log is not None:
+            with open(run / "logs" / "samples.txt", "a", encoding="utf-8") as f:
+                f.write(text + "\n\n")
+            log(text)
         return text
 
     return sample
 
 
+def settings_from(cfg: Config, floor: float | None, fpt: int) -> TrainSettings:
+    """The loop's settings from the config (one flat dataclass the Trainer API also takes)."""
+    t, o, sch = cfg.train, cfg.optim, cfg.schedule
+    return TrainSettings(
+        max_steps=t.max_steps, max_epochs=t.max_epochs, grad_accum=t.grad_accum,
+        max_grad_norm=t.max_grad_norm, lr=o.lr, min_lr=o.min_lr, schedule=sch.kind,
+        warmup_steps=sch.warmup_steps, decay_steps=sch.decay_steps,
+        wsd_decay_fraction=sch.wsd_decay_fraction, log_every=cfg.log.log_every,
+        eval_every=t.eval_every, eval_batches=t.eval_batches, save_every=t.save_every,
+        save_every_minutes=t.save_every_minutes, keep_last=t.keep_last,
+        sample_every=t.sample_every, patience=t.patience, min_delta=t.min_delta,
+        warmup_passes=t.warmup_passes, seed=t.seed, entropy_floor=floor, flops_per_token=fpt,
+        peak_flops=cfg.log.peak_tflops * 1e12 or None, progress=_progress_wanted(cfg.log.progress),
+    )  # fmt: skip
+
+
+def run_info(cfg: Config, meta: dict[str, Any], precision, threads: int, d: Dist,
+             phase: str = "pretrain") -> dict[str, Any]:
+    """What `run_info.json` records: the report reads model and training settings from it."""
+    m, t = cfg.model, cfg.train
+    return {
+        "params": count_parameters(m), "phase": phase, "tokenizer": meta.get("tokenizer", {}),
+        "entropy_floor": meta.get("entropy_floor_nats_per_token"),
+        "flops_per_token": flops_per_token(m, m.context),
+        "model": {**m.__dict__, "padded_vocab_size": m.padded_vocab},
+        "train": {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "context": m.context,
+                  "world_size": d.world_size, "lr": cfg.optim.lr, "min_lr": cfg.optim.min_lr,
+                  "schedule": cfg.schedule.kind, "optimizer": cfg.optim.name,
+                  "max_steps": t.max_steps, "device": str(precision.device),
+                  "dtype": precision.dtype, "threads": threads},
+        "data": cfg.data.dir, "lmforge": __version__, "torch": str(torch.__version__),
+    }  # fmt: skip
+
+
 def train_from_config(cfg: Config) -> int:
     from lmforge.data.memmap import TokenBatches
-    from lmforge.monitor.metrics import MetricsWriter
-    from lmforge.monitor.report import LiveDashboard
     from lmforge.tokenizers import load_tokenizer
 
     meta = read_data_meta(cfg.data.dir)
     data_dir = Path(cfg.data.dir)
     if meta.get("kind") == "instruction" and not cfg.data.allow_instruction_data:
-        raise UserError(
-            f"{data_dir} holds instruction data: phase 1 trains on plain text "
-            "(use `lmforge sft`, or --data.allow_instruction_data=true)"
-        )
+        raise UserError(f"{data_dir} holds instruction data: phase 1 trains on plain text "
+                        "(use `lmforge sft`, or --data.allow_instruction_data=true)")
     cfg.model.vocab_size = int(meta["vocab_size"])
     t, m = cfg.train, cfg.model
-    precision = pick(t.device, t.dtype)
-    threads = (
-        setup_threads(t.threads) if precision.device.type == "cpu" else torch.get_num_threads()
-    )
-    torch.manual_seed(t.seed)
+    d = setup(t.distributed)
+    precision = pick(_rank_device(t.device, d), t.dtype)
+    on_cpu = precision.device.type == "cpu"
+    threads = setup_threads(t.threads) if on_cpu else torch.get_num_threads()
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
     tokenizer = load_tokenizer(data_dir)
     run = Path(cfg.run.dir)
-    resuming = t.resume != "none" and any((run / "checkpoints").glob("step_*.pt"))
-    run = prepare_run_dir(cfg, resuming)
-    tokenizer.save(run / "tokenizer")  # generate/chat/export find it beside the checkpoints
-    checkpoints = run / "checkpoints"
+    if d.is_main:
+        resuming = t.resume != "none" and any((run / "checkpoints").glob("step_*.pt"))
+        prepare_run_dir(cfg, resuming)
+        tokenizer.save(run / "tokenizer")  # generate/chat/export find it beside the checkpoints
+        info = run_info(cfg, meta, precision, threads, d)
+        (run / "run_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n",
+                                           encoding="utf-8")
+    d.barrier()
 
     model = Transformer(m)
     if t.init_from:
@@ -131,176 +154,99 @@ def train_from_config(cfg: Config) -> int:
 
         load_weights_into(model, t.init_from)
     model.activation_checkpointing = t.activation_checkpointing
-    floor = meta.get("entropy_floor_nats_per_token")
-    fpt = flops_per_token(m, m.context)
-    n_params = count_parameters(m)
-    info = {
-        "params": n_params,
-        "phase": "pretrain",
-        "tokenizer": meta.get("tokenizer", {}),
-        "entropy_floor": floor,
-        "flops_per_token": fpt,
-        "model": {**m.__dict__, "padded_vocab_size": m.padded_vocab},
-        "train": {
-            "batch_size": t.batch_size,
-            "grad_accum": t.grad_accum,
-            "context": m.context,
-            "lr": cfg.optim.lr,
-            "min_lr": cfg.optim.min_lr,
-            "schedule": cfg.schedule.kind,
-            "optimizer": cfg.optim.name,
-            "max_steps": t.max_steps,
-            "device": str(precision.device),
-            "dtype": precision.dtype,
-            "threads": threads,
-        },
-        "data": str(data_dir),
-        "lmforge": __version__,
-        "torch": str(torch.__version__),
-    }
-    (run / "run_info.json").write_text(
-        json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8"
-    )
-
-    train_batches = TokenBatches(
-        data_dir / "train.bin",
-        m.context,
-        t.batch_size,
-        t.seed,
-        device=precision.device,
-        mode=cfg.data.mode,
-        stride=cfg.data.stride or None,
-        grad_accum=t.grad_accum,
-    )
-    val_batches = TokenBatches(
-        data_dir / "val.bin", m.context, t.batch_size, t.seed + 1, device=precision.device
-    )
+    model.to(precision.device)
+    train_model = wrap(model, d, precision.device, precision.dtype)  # before the optimizer: FSDP
     optimizers = default_optimizer(
-        model,
-        cfg.optim.name,
-        cfg.optim.lr,
-        cfg.optim.weight_decay,
-        (cfg.optim.beta1, cfg.optim.beta2),
-        cfg.optim.eps,
-        cfg.optim.muon_lr,
-        cfg.optim.muon_momentum,
-        precision.device,
-    )
-    settings = TrainSettings(
-        max_steps=t.max_steps,
-        max_epochs=t.max_epochs,
-        grad_accum=t.grad_accum,
-        max_grad_norm=t.max_grad_norm,
-        lr=cfg.optim.lr,
-        min_lr=cfg.optim.min_lr,
-        schedule=cfg.schedule.kind,
-        warmup_steps=cfg.schedule.warmup_steps,
-        decay_steps=cfg.schedule.decay_steps,
-        wsd_decay_fraction=cfg.schedule.wsd_decay_fraction,
-        log_every=cfg.log.log_every,
-        eval_every=t.eval_every,
-        eval_batches=t.eval_batches,
-        save_every=t.save_every,
-        save_every_minutes=t.save_every_minutes,
-        keep_last=t.keep_last,
-        sample_every=t.sample_every,
-        patience=t.patience,
-        min_delta=t.min_delta,
-        warmup_passes=t.warmup_passes,
-        seed=t.seed,
-        entropy_floor=floor,
-        flops_per_token=fpt,
-        peak_flops=cfg.log.peak_tflops * 1e12 or None,
-        progress=_progress_wanted(cfg.log.progress),
-    )
-    compile_model = cfg.train.compile == "true" or (
-        cfg.train.compile == "auto" and precision.device.type == "cuda"
-    )
-    state_extra = {
-        "config": cfg.to_dict(),
-        "tokenizer": meta.get("tokenizer", {}),
-        "data_meta": {
-            k: meta.get(k)
-            for k in (
-                "vocab_size",
-                "dtype",
-                "train_tokens",
-                "val_tokens",
-                "entropy_floor_nats_per_token",
-            )
-        },
-    }
-    # Resume first: it decides whether the metrics files are continued or started fresh.
-    probe = Trainer(
-        model,
-        train_batches,
-        val_batches,
-        optimizers,
-        device=precision,
-        checkpoint_dir=checkpoints,
-        settings=settings,
-        state_extra=state_extra,
-        log=print,
-    )
-    resumed_from = probe.resume(t.resume)
-    if resumed_from is not None:
-        _check_same_run(probe, meta)
-    metrics = MetricsWriter(
-        run / "logs",
-        resume_step=probe.global_step if resumed_from else None,
-        tensorboard=cfg.log.tensorboard,
-        fresh=resumed_from is None,
-    )
-    trainer = probe
-    trainer.metrics, trainer.log = metrics, metrics.log_line
-    if compile_model:
-        trainer.train_model = torch.compile(model)
-    trainer.dashboard = (
-        LiveDashboard(run, cfg.log.plot_every, cfg.log.keep_plot_iterations)
-        if cfg.log.plot_every
-        else None
-    )
-    vocab_limit = int(meta["vocab_size"])
-    trainer.sampler = make_sampler(
-        run,
-        tokenizer,
-        t.sample_prompts,
-        t.sample_tokens,
-        t.sample_temperature,
-        t.seed,
-        vocab_limit,
-        metrics.log_line,
-    )
-    log = metrics.log_line
-    log(f"lmforge {__version__} | {precision.describe()} | threads {threads}")
-    log(
-        f"model {m.preset}: {n_params:,} parameters ({m.block}, {m.n_layers}x{m.dim}, "
-        f"{m.n_heads} heads, context {m.context}, vocab {m.vocab_size} padded to {m.padded_vocab})"
-    )
-    log(
-        f"data {data_dir}: {meta.get('train_tokens', 0):,} train / {meta.get('val_tokens', 0):,} "
-        f"val tokens, tokenizer {meta.get('tokenizer', {}).get('name', '?')}"
-        + (f", entropy floor {floor:.4f} nats/token" if floor is not None else "")
-    )
-    if resumed_from is not None:
-        log(f"resumed from {resumed_from} at step {trainer.global_step}")
-    elif t.resume not in ("auto", "none"):
+        model, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay,
+        (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps, cfg.optim.muon_lr,
+        cfg.optim.muon_momentum, precision.device)  # fmt: skip
+    batches = dict(rank=d.rank, world_size=d.world_size, device=precision.device)
+    train_batches = TokenBatches(data_dir / "train.bin", m.context, t.batch_size, t.seed,
+                                 mode=cfg.data.mode, stride=cfg.data.stride or None,
+                                 grad_accum=t.grad_accum, **batches)
+    val_batches = TokenBatches(data_dir / "val.bin", m.context, t.batch_size, t.seed + 1,
+                               **batches)
+    floor = meta.get("entropy_floor_nats_per_token")
+    keys = ("vocab_size", "dtype", "train_tokens", "val_tokens", "entropy_floor_nats_per_token")
+    state_extra = {"config": cfg.to_dict(), "tokenizer": meta.get("tokenizer", {}),
+                   "data_meta": {k: meta.get(k) for k in keys}, "phase": "pretrain"}
+    compile_model = t.compile == "true" or (t.compile == "auto" and precision.device.type == "cuda")
+    trainer = Trainer(model, train_batches, val_batches, optimizers, device=precision,
+                      checkpoint_dir=run / "checkpoints",
+                      settings=settings_from(cfg, floor, flops_per_token(m, m.context)),
+                      state_extra=state_extra, log=print if d.is_main else _quiet,
+                      compile_model=compile_model, train_model=train_model, dist=d)
+    resumed_from = trainer.resume(t.resume)
+    if resumed_from is None and t.resume not in ("auto", "none"):
         raise UserError(f"train.resume: could not resume from {t.resume}")
+    if resumed_from is not None:
+        _check_same_run(trainer, meta)
+    sampler = make_sampler(run, tokenizer, t.sample_prompts, t.sample_tokens,
+                           t.sample_temperature, t.seed, int(meta["vocab_size"]))
+    header = [f"lmforge {__version__} | {precision.describe()} | threads {threads}"
+              + (f" | {d.strategy} on {d.world_size} processes" if d.enabled else ""),
+              f"model {m.preset}: {count_parameters(m):,} parameters ({m.block}, "
+              f"{m.n_layers}x{m.dim}, {m.n_heads} heads, context {m.context}, vocab "
+              f"{m.vocab_size} padded to {m.padded_vocab})",
+              f"data {data_dir}: {meta.get('train_tokens', 0):,} train / "
+              f"{meta.get('val_tokens', 0):,} val tokens, tokenizer "
+              f"{meta.get('tokenizer', {}).get('name', '?')}"
+              + (f", entropy floor {floor:.4f} nats/token" if floor is not None else "")]
+    if resumed_from is not None:
+        header.append(f"resumed from {resumed_from} at step {trainer.global_step}")
+    try:
+        run_loop(trainer, cfg, run, d, resumed_from, sampler, header, floor)
+    finally:
+        teardown()
+    return 0
+
+
+def run_loop(trainer: Trainer, cfg: Config, run: Path, d: Dist, resumed_from: Path | None,
+             sampler, header: list[str], floor: float | None) -> None:
+    """Attach the rank-0 outputs (metrics, dashboard, samples), train, summarise, report."""
+    from lmforge.monitor.metrics import MetricsWriter
+    from lmforge.monitor.report import LiveDashboard
+
+    metrics = None
+    if d.is_main:
+        metrics = MetricsWriter(run / "logs", tensorboard=cfg.log.tensorboard,
+                                resume_step=trainer.global_step if resumed_from else None,
+                                fresh=resumed_from is None)
+        trainer.metrics, trainer.log = metrics, metrics.log_line
+        if cfg.log.plot_every:
+            trainer.dashboard = LiveDashboard(run, cfg.log.plot_every,
+                                              cfg.log.keep_plot_iterations)
+    log = trainer.log
+    trainer.sampler = lambda model, step: sampler(model, step, log if d.is_main else None)
+    for line in header:
+        log(line)
     start = time.time()
     try:
         trainer.train()
         wall = time.time() - start
         finished = trainer.stop_reason == "finished" or trainer.stop_reason.startswith("early")
-        final = trainer.save_weights(checkpoints / "final_model.pt") if finished else None
-        summarise(trainer, run, floor, wall, final, log)
-        try:
-            paths = LiveDashboard(run, 0).final()
-            log(f"report: {', '.join(str(p) for p in paths.values())}")
-        except UserError as e:  # e.g. no metrics rows yet: the run itself is fine
-            log(f"report skipped: {e}")
+        final = trainer.save_weights(run / "checkpoints" / "final_model.pt") if finished else None
+        if d.is_main:
+            summarise(trainer, run, floor, wall, final, log)
+            try:
+                paths = LiveDashboard(run, 0).final()
+                log(f"report: {', '.join(str(p) for p in paths.values())}")
+            except UserError as e:  # e.g. no metrics rows yet: the run itself is fine
+                log(f"report skipped: {e}")
     finally:
-        metrics.close()
-    return 0
+        if metrics is not None:
+            metrics.close()
+
+
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0: they train, only rank 0 speaks."""
+
+
+def _rank_device(device: str, d: Dist) -> str:
+    """Under torchrun on CUDA each process drives the GPU of its local rank."""
+    if d.enabled and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{d.local_rank}"
+    return device
 
 
 def _check_same_run(trainer: Trainer, meta: dict[str, Any]) -> None:

@@ -32,10 +32,9 @@ from lmforge.data.instruct import (
 )
 from lmforge.device import pick, setup_threads
 from lmforge.errors import UserError
-from lmforge.generate import checkpoint_tokenizer
 from lmforge.info import count_parameters, flops_per_token
 from lmforge.model import Transformer
-from lmforge.train.checkpoint import load_model, resolve_checkpoint
+from lmforge.train.checkpoint import load_model, load_run_tokenizer
 from lmforge.train.cli import _progress_wanted, prepare_run_dir, summarise
 from lmforge.train.trainer import Batches, Trainer, TrainSettings, default_optimizer
 
@@ -82,8 +81,7 @@ def _model_from_checkpoint(init_from: str) -> tuple[Transformer, dict[str, Any]]
     if not init_from:
         raise UserError("lmforge sft needs --init-from CKPT_OR_RUN: the phase-1 checkpoint or "
                         "run folder to start from")
-    model, state = load_model(init_from)
-    return model, state
+    return load_model(init_from)
 
 
 # ----------------------------------------------------------------------------------- the data
@@ -228,8 +226,8 @@ def sft_from_config(cfg: Config) -> int:
     t, s = cfg.train, cfg.sft
     # Everything that can be wrong with the inputs is checked before the run folder is touched.
     model, init_state = _model_from_checkpoint(t.init_from)
-    init_path = resolve_checkpoint(t.init_from)
-    tokenizer = checkpoint_tokenizer(init_state)
+    init_path = Path(init_state["path"])  # the file a run folder resolved to
+    tokenizer = load_run_tokenizer(init_state)
     identity = init_state.get("tokenizer") or tokenizer.identity()
     run = Path(cfg.run.dir)
     _check_run_dir(run, init_path)
@@ -255,46 +253,33 @@ def sft_from_config(cfg: Config) -> int:
     on_cpu = precision.device.type == "cpu"
     threads = setup_threads(t.threads) if on_cpu else torch.get_num_threads()
     torch.manual_seed(t.seed)
-    resuming = t.resume != "none" and any((run / "checkpoints").glob("step_*.pt"))
-    run = prepare_run_dir(cfg, resuming)
-    tokenizer.save(run / "tokenizer")  # generate/chat/eval find it beside the checkpoints
-    checkpoints = run / "checkpoints"
     model.activation_checkpointing = t.activation_checkpointing
     fpt = flops_per_token(m, m.context)
     steps_per_epoch = max(1, math.ceil(train_sft.batches_per_epoch / t.grad_accum))
-    info = {
-        "params": count_parameters(m), "phase": PHASE, "init_from": str(init_path),
-        "tokenizer": identity, "flops_per_token": fpt,
-        "model": {**m.__dict__, "padded_vocab_size": m.padded_vocab},
-        "train": {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "context": m.context,
-                  "lr": cfg.optim.lr, "min_lr": cfg.optim.min_lr, "schedule": cfg.schedule.kind,
-                  "optimizer": cfg.optim.name, "max_steps": t.max_steps,
-                  "max_epochs": s.max_epochs, "device": str(precision.device),
-                  "dtype": precision.dtype, "threads": threads},
-        "data": s.data, "weights": s.weights, "pack": s.pack,
-        "sources": [src.__dict__ for src in conversations.sources],
-        "examples": {"train": len(train_examples), "val": len(val_examples),
-                     "skipped": conversations.skipped},
-        "lmforge": __version__, "torch": torch.__version__,
-    }
-    (run / "run_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n",
-                                       encoding="utf-8")
-
     optimizers = default_optimizer(model, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay,
                                    (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps,
                                    cfg.optim.muon_lr, cfg.optim.muon_momentum, precision.device)
     # "data_meta" is the key the Trainer hands back on resume: it fingerprints the SFT data.
     state_extra = {"config": cfg.to_dict(), "tokenizer": identity, "phase": PHASE,
                    "data_meta": train_sft.state_dict()}
+    checkpoints = run / "checkpoints"
     trainer = Trainer(model, InstructionBatches(train_sft, t.grad_accum),
                       InstructionBatches(val_sft), optimizers, device=precision,
                       checkpoint_dir=checkpoints, settings=_settings(cfg, steps_per_epoch, fpt),
                       state_extra=state_extra, log=print)
+    # Resume (and its checks) before writing anything: a refused resume leaves the run as it was.
     resumed_from = trainer.resume(t.resume)
     if resumed_from is not None:
         _check_resume(trainer, train_sft, identity)
     elif t.resume not in ("auto", "none"):
         raise UserError(f"train.resume: could not resume from {t.resume}")
+
+    run = prepare_run_dir(cfg, resumed_from is not None)
+    tokenizer.save(run / "tokenizer")  # generate/chat/eval find it beside the checkpoints
+    info = _run_info(cfg, init_path, identity, fpt, precision, threads, conversations,
+                     len(train_examples), len(val_examples))
+    (run / "run_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n",
+                                       encoding="utf-8")
     metrics = MetricsWriter(run / "logs", resume_step=trainer.global_step if resumed_from else None,
                             tensorboard=cfg.log.tensorboard, fresh=resumed_from is None)
     trainer.metrics, trainer.log = metrics, metrics.log_line
@@ -324,6 +309,26 @@ def sft_from_config(cfg: Config) -> int:
     finally:
         metrics.close()
     return 0
+
+
+def _run_info(cfg: Config, init_path: Path, identity: dict[str, Any], fpt: int, precision,
+              threads: int, conversations, n_train: int, n_val: int) -> dict[str, Any]:
+    """run_info.json: what `lmforge report` and a person reading the folder need to know."""
+    m, t, s = cfg.model, cfg.train, cfg.sft
+    return {
+        "params": count_parameters(m), "phase": PHASE, "init_from": str(init_path),
+        "tokenizer": identity, "flops_per_token": fpt,
+        "model": {**m.__dict__, "padded_vocab_size": m.padded_vocab},
+        "train": {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "context": m.context,
+                  "lr": cfg.optim.lr, "min_lr": cfg.optim.min_lr, "schedule": cfg.schedule.kind,
+                  "optimizer": cfg.optim.name, "max_steps": t.max_steps,
+                  "max_epochs": s.max_epochs, "device": str(precision.device),
+                  "dtype": precision.dtype, "threads": threads},
+        "data": s.data, "weights": s.weights, "pack": s.pack,
+        "sources": [src.__dict__ for src in conversations.sources],
+        "examples": {"train": n_train, "val": n_val, "skipped": conversations.skipped},
+        "lmforge": __version__, "torch": torch.__version__,
+    }
 
 
 def _log_start(log, cfg: Config, info: dict[str, Any], conversations, precision, threads: int,

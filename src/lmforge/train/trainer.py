@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from lmforge import __version__
 from lmforge.device import Precision, enable_tf32, pick
+from lmforge.distributed import Dist, full_state, load_full_state, no_grad_sync
 from lmforge.errors import UserError
 from lmforge.loss import IGNORE_INDEX
 from lmforge.train import checkpoint as ckpt
@@ -228,6 +229,8 @@ class Trainer:
         dashboard: Any = None,
         log: Callable[[str], None] | None = None,
         compile_model: bool = False,
+        train_model: nn.Module | None = None,
+        dist: Dist | None = None,
         train_dataloader: Any = None,
         val_dataloader: Any = None,
     ):
@@ -258,8 +261,12 @@ class Trainer:
                 optimizer[0] if isinstance(optimizer, list) else optimizer
             ).param_groups[0]["lr"]
             self.settings.schedule = self.settings.schedule if settings else "constant"
+        self.dist = dist or Dist()
         self.model = model.to(self.device)
-        self.train_model = torch.compile(self.model) if compile_model else self.model
+        # What forward/backward run through: the model, or its DDP/FSDP wrapper, maybe compiled.
+        self.train_model = train_model or self.model
+        if compile_model:
+            self.train_model = torch.compile(self.train_model)
         self.train_data = as_batches(train_data, self.settings.grad_accum)
         self.val_data = as_batches(val_data, 1)
         optimizers = optimizer or default_optimizer(
@@ -287,6 +294,9 @@ class Trainer:
         self._log_loss_sum, self._log_loss_count = 0.0, 0
         self.stop_reason = ""
         self.checkpoint_extra: dict[str, Any] = {}
+        self._stop: GracefulStop | None = None
+        self._last_save = time.monotonic()
+        self.stop_agreed = self.time_save_agreed = False
 
     # ---------------------------------------------------------------- one step
     def _batch_to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -314,7 +324,9 @@ class Trainer:
             )
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step (grad_accum micro-batches). Returns (mean loss, grad norm)."""
+        """One optimizer step (grad_accum micro-batches). Returns (mean loss over all ranks,
+        grad norm). Sets `stop_agreed` / `time_save_agreed`: the ranks agree on them in the same
+        collective as the loss, so every rank stops and saves at the same step."""
         s, step = self.settings, self.global_step
         lr = self.lr_at(step)
         for opt in self.optimizers:
@@ -324,17 +336,28 @@ class Trainer:
         by_tokens = s.loss_normalisation == "tokens"
         # Instruction tuning: normalise by the assistant tokens of ALL micro-batches, so a long
         # answer in one micro-batch weighs the same as if the batch had not been split.
+        world = self.dist.world_size
         n_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        if by_tokens and self.dist.enabled:
+            n_targets = int(self.dist.all_reduce_sum([n_targets], self.device)[0])
         total_loss = 0.0
-        for batch in batches:
-            if by_tokens:
-                loss = self._loss(batch, "sum") / max(1, n_targets)
-                total_loss += loss.item()
-            else:
-                loss = self._loss(batch, "mean") / s.grad_accum
-                total_loss += loss.item()
-            self.scaler.scale(loss).backward()
-            self.tokens_seen += batch["input_ids"].numel()
+        for m, batch in enumerate(batches):
+            with no_grad_sync(self.train_model, self.dist, last_micro_step=m == len(batches) - 1):
+                if by_tokens:  # x world: DDP averages gradients over ranks, undo it for sums
+                    loss = self._loss(batch, "sum") * world / max(1, n_targets)
+                else:
+                    loss = self._loss(batch, "mean") / s.grad_accum
+                self.scaler.scale(loss).backward()
+            total_loss += loss.item() / world
+            self.tokens_seen += batch["input_ids"].numel() * world
+        stop = float(self._stop is not None and self._stop.requested is not None)
+        by_time = self.settings.save_every_minutes and (
+            time.monotonic() - self._last_save > 60 * self.settings.save_every_minutes
+        )
+        total_loss, stop, by_time = self.dist.all_reduce_sum(
+            [total_loss, stop, float(bool(by_time))], self.device
+        )
+        self.stop_agreed, self.time_save_agreed = stop > 0, by_time > 0
         if not math.isfinite(total_loss):
             raise Diverged(
                 f"loss became {total_loss} at step {step + 1}: stopping; the last good "
@@ -344,7 +367,8 @@ class Trainer:
             self.scaler.unscale_(opt)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = s.max_grad_norm if s.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         for opt in self.optimizers:
             self.scaler.step(opt)
         self.scaler.update()
@@ -397,15 +421,17 @@ class Trainer:
                 else (self._loss(batch, "mean").item() * tokens)
             )
             count += tokens
+        total, count = self.dist.all_reduce_sum([total, count], self.device)
         self.model.train(was_training)
         loss = total / max(1, count)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
+        model_state, optim_states = full_state(self.model, self.optimizers, self.dist)
         return {
-            "model": self.model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "model": model_state,
+            "optimizers": optim_states,
             "scaler": self.scaler.state_dict(),
             "step": self.global_step,
             "epoch": self.current_epoch,
@@ -425,9 +451,10 @@ class Trainer:
         self.checkpoint_extra = {
             k: state[k] for k in ("config", "tokenizer", "data_meta") if k in state
         }
-        self.model.load_state_dict(state["model"])
-        for opt, opt_state in zip(self.optimizers, state.get("optimizers", [])):
-            opt.load_state_dict(opt_state)
+        if state.get("optimizers"):
+            load_full_state(self.model, self.optimizers, state["model"], state["optimizers"])
+        else:  # weights only (best.pt / final_model.pt)
+            load_full_state(self.model, [], state["model"], [])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.global_step = state.get("step", 0)
@@ -447,6 +474,10 @@ class Trainer:
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
         """Full training state, atomically, with a JSON record; keeps the newest `keep_last`."""
         path = Path(path) if path else self.checkpoint_dir / f"step_{self.global_step}.pt"
+        state = self.state_dict()  # every rank: gathering FSDP shards is a collective
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return path
         ckpt.set_aside(path)  # never overwrite: a file already there (e.g. corrupt) is kept aside
         record = {
             "step": self.global_step,
@@ -456,15 +487,21 @@ class Trainer:
             "train_loss": self.history.train_loss[-1] if self.history.train_loss else None,
             "data_position": {"step": self.global_step, "micro_step": 0},
         }
-        ckpt.save_checkpoint(path, self.state_dict(), record)
-        if ckpt.STEP_FILE.match(path.name) and path.parent == self.checkpoint_dir:
-            ckpt.prune(self.checkpoint_dir, self.settings.keep_last)
+        try:
+            ckpt.save_checkpoint(path, state, record)
+            if ckpt.STEP_FILE.match(path.name) and path.parent == self.checkpoint_dir:
+                ckpt.prune(self.checkpoint_dir, self.settings.keep_last)
+        finally:
+            self.dist.barrier()
         return path
 
     def save_weights(self, path: Path, extra: dict[str, Any] | None = None) -> Path:
         """Weights and identity only (best.pt, final_model.pt): what generate/sft/export need."""
+        model_state, _ = full_state(self.model, [], self.dist)
+        if not self.dist.is_main:
+            return path
         state = {
-            "model": self.model.state_dict(),
+            "model": model_state,
             "step": self.global_step,
             "tokens_seen": self.tokens_seen,
             **self.state_extra,
@@ -550,10 +587,10 @@ class Trainer:
         total = self._max_steps
         self.model.train()
         self.warm_up()
-        last_save = time.monotonic()
         bar = _progress(total, self.global_step) if s.progress else None
         interval_start, interval_steps = time.perf_counter(), 0
         with GracefulStop() as stop:
+            self._stop, self._last_save = stop, time.monotonic()
             while self.global_step < total:
                 t0 = time.perf_counter()
                 loss, grad_norm = self.train_step()
@@ -578,19 +615,19 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if self.sampler and s.sample_every and step % s.sample_every == 0:
+                # FSDP gathers weights in forward: every rank must take part in sampling.
+                sampling_rank = self.dist.is_main or self.dist.strategy == "fsdp"
+                if self.sampler and s.sample_every and step % s.sample_every == 0 and sampling_rank:
                     self.sampler(self.model, step)
                 if self.dashboard is not None:
                     self.dashboard.maybe_refresh(step)
-                timed_out = (
-                    s.save_every_minutes
-                    and time.monotonic() - last_save > 60 * s.save_every_minutes
-                )
-                if (s.save_every and step % s.save_every == 0) or timed_out or stop.requested:
+                due = s.save_every and step % s.save_every == 0
+                if due or self.time_save_agreed or self.stop_agreed:
                     path = self.save_checkpoint()
-                    last_save = time.monotonic()
-                    if stop.requested:
-                        self.stop_reason = f"{stop.requested}: checkpoint saved to {path}"
+                    self._last_save = time.monotonic()
+                    if self.stop_agreed:
+                        signal_name = stop.requested or "a stop request on another rank"
+                        self.stop_reason = f"{signal_name}: checkpoint saved to {path}"
                         break
                 if self.stop_reason:
                     break

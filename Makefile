@@ -38,3 +38,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache
+
+# llama.cpp as the real client of our GGUF export (compiles llama.cpp: ~13 min on 2 cores).
+# Not part of `make test`; the GGUF test skips cleanly without it.
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install gguf llama-cpp-python
+	$(BIN)/python -m pytest tests/test_export.py -m slow -k llama_cpp -q

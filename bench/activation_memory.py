@@ -27,9 +27,15 @@ def child(args: argparse.Namespace) -> None:
     from lmforge.model import Transformer
 
     torch.manual_seed(0)
-    cfg = model_config("tiny", n_layers=args.layers, dim=args.dim, n_heads=args.dim // 64,
-                       context=args.context, max_context=max(1024, args.context),
-                       vocab_size=args.vocab)
+    cfg = model_config(
+        "tiny",
+        n_layers=args.layers,
+        dim=args.dim,
+        n_heads=args.dim // 64,
+        context=args.context,
+        max_context=max(1024, args.context),
+        vocab_size=args.vocab,
+    )
     model = Transformer(cfg)
     model.activation_checkpointing = args.variant == "checkpointed"
     x = torch.randint(0, args.vocab, (args.batch, args.context))
@@ -41,8 +47,16 @@ def child(args: argparse.Namespace) -> None:
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"variant": args.variant, "loss": float(loss), "seconds": seconds,
-                      "step_peak_mib": (peak - before) / 1024}))
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "loss": float(loss),
+                "seconds": seconds,
+                "step_peak_mib": (peak - before) / 1024,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -66,16 +80,23 @@ def main() -> None:
         rows[variant] = json.loads(out.strip().splitlines()[-1])
     ratio = rows["checkpointed"]["step_peak_mib"] / rows["plain"]["step_peak_mib"]
     result = {
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "config": {k: getattr(args, k) for k in ("layers", "dim", "batch", "context", "vocab")},
-        "rows": rows, "ratio_checkpointed_over_plain": round(ratio, 3),
+        "rows": rows,
+        "ratio_checkpointed_over_plain": round(ratio, 3),
     }
     print(f"machine: {result['machine']}")
     print(f"config:  {result['config']}")
     print(f"{'variant':<13} {'step peak (MiB)':>16} {'step (s)':>9} {'loss':>9}")
     for name, row in rows.items():
-        print(f"{name:<13} {row['step_peak_mib']:>16,.1f} {row['seconds']:>9.2f} {row['loss']:>9.5f}")
+        print(
+            f"{name:<13} {row['step_peak_mib']:>16,.1f} {row['seconds']:>9.2f} {row['loss']:>9.5f}"
+        )
     print(f"checkpointed / plain peak = {ratio:.3f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "activation_memory.json").write_text(json.dumps(result, indent=2) + "\n")

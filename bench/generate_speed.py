@@ -1,6 +1,6 @@
 """KV-cached vs uncached decoding speed at 512 new tokens (target: cached >= 10x faster).
 
-    python bench/generate_speed.py [--new-tokens 512] [--layers 6] [--dim 256]
+python bench/generate_speed.py [--new-tokens 512] [--layers 6] [--dim 256]
 """
 
 from __future__ import annotations
@@ -29,8 +29,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     context = args.prompt_tokens + args.new_tokens
-    cfg = model_config("tiny", n_layers=args.layers, dim=args.dim, n_heads=args.dim // 64,
-                       context=context, max_context=context, vocab_size=args.vocab)
+    cfg = model_config(
+        "tiny",
+        n_layers=args.layers,
+        dim=args.dim,
+        n_heads=args.dim // 64,
+        context=context,
+        max_context=context,
+        vocab_size=args.vocab,
+    )
     model = Transformer(cfg).eval()
     prompt = torch.randint(0, args.vocab, (args.prompt_tokens,)).tolist()
     model.generate(prompt, 8, temperature=0)  # warm-up
@@ -39,14 +46,22 @@ def main() -> None:
         start = time.perf_counter()
         outputs[name] = model.generate(prompt, args.new_tokens, temperature=0, use_cache=use_cache)
         seconds = time.perf_counter() - start
-        rows[name] = {"seconds": round(seconds, 3),
-                      "tokens_per_s": round(args.new_tokens / seconds, 1)}
+        rows[name] = {
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(args.new_tokens / seconds, 1),
+        }
     speedup = rows["cached"]["tokens_per_s"] / rows["uncached"]["tokens_per_s"]
     result = {
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "config": {**vars(args), "params": sum(p.numel() for p in model.parameters())},
-        **rows, "speedup": round(speedup, 2), "same_tokens": outputs["cached"] == outputs["uncached"],
+        **rows,
+        "speedup": round(speedup, 2),
+        "same_tokens": outputs["cached"] == outputs["uncached"],
         "target": "speedup >= 10",
     }
     print(f"machine: {result['machine']}")
@@ -54,8 +69,9 @@ def main() -> None:
     print(f"{'decoding':<10} {'seconds':>9} {'tokens/s':>10}")
     for name, row in rows.items():
         print(f"{name:<10} {row['seconds']:>9.2f} {row['tokens_per_s']:>10.1f}")
-    print(f"speedup {speedup:.1f}x (target >= 10x); identical greedy tokens: "
-          f"{result['same_tokens']}")
+    print(
+        f"speedup {speedup:.1f}x (target >= 10x); identical greedy tokens: {result['same_tokens']}"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "generate_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -27,9 +27,16 @@ def child(args: argparse.Namespace) -> None:
     from lmforge.model import Transformer
 
     torch.manual_seed(0)
-    cfg = model_config("tiny", n_layers=2, dim=args.dim, n_heads=4, context=args.context,
-                       max_context=max(1024, args.context), vocab_size=args.vocab,
-                       pad_vocab_multiple=1)
+    cfg = model_config(
+        "tiny",
+        n_layers=2,
+        dim=args.dim,
+        n_heads=4,
+        context=args.context,
+        max_context=max(1024, args.context),
+        vocab_size=args.vocab,
+        pad_vocab_multiple=1,
+    )
     model = Transformer(cfg)
     x = torch.randint(0, args.vocab, (args.batch, args.context))
     y = torch.randint(0, args.vocab, (args.batch, args.context))
@@ -50,15 +57,27 @@ def child(args: argparse.Namespace) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     loss = step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"variant": args.variant, "loss": loss, "before_kib": before,
-                      "peak_kib": peak, "step_peak_mib": (peak - before) / 1024}))
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "loss": loss,
+                "before_kib": before,
+                "peak_kib": peak,
+                "step_peak_mib": (peak - before) / 1024,
+            }
+        )
+    )
 
 
 def run_blocks(model, x):
     h = model.wte(x)
     for block in model.blocks:
-        h = block(h, (model.rope_cos[: x.shape[1]][None, None], model.rope_sin[: x.shape[1]][None, None]),
-                  None)
+        h = block(
+            h,
+            (model.rope_cos[: x.shape[1]][None, None], model.rope_sin[: x.shape[1]][None, None]),
+            None,
+        )
     return h
 
 
@@ -75,23 +94,46 @@ def main() -> None:
         return
     rows = []
     for variant in ("plain", "chunked"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch),
-               "--context", str(args.context), "--vocab", str(args.vocab), "--dim", str(args.dim)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--batch",
+            str(args.batch),
+            "--context",
+            str(args.context),
+            "--vocab",
+            str(args.vocab),
+            "--dim",
+            str(args.dim),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     plain, chunked = rows
     ratio = chunked["step_peak_mib"] / plain["step_peak_mib"]
     logits_mib = args.batch * args.context * args.vocab * 4 / 2**20
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},
-        "config": {"batch": args.batch, "context": args.context, "vocab": args.vocab,
-                   "dim": args.dim, "layers": 2, "fp32 logits MiB": round(logits_mib, 1)},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "config": {
+            "batch": args.batch,
+            "context": args.context,
+            "vocab": args.vocab,
+            "dim": args.dim,
+            "layers": 2,
+            "fp32 logits MiB": round(logits_mib, 1),
+        },
         "plain_step_peak_mib": round(plain["step_peak_mib"], 1),
         "chunked_step_peak_mib": round(chunked["step_peak_mib"], 1),
         "ratio_chunked_over_plain": round(ratio, 3),
-        "loss_plain": plain["loss"], "loss_chunked": chunked["loss"],
+        "loss_plain": plain["loss"],
+        "loss_chunked": chunked["loss"],
         "target": "ratio <= 0.5",
     }
     print(f"machine: {result['machine']}")

@@ -143,6 +143,8 @@ COMMANDS: list[tuple[str, str, Callable, Callable]] = [
      _from("lmforge.generate", "add_chat_arguments"), _from("lmforge.generate", "run_chat")),
     ("eval", "loss/perplexity on prepared data; EM/F1/accuracy on Q&A data",
      _from("lmforge.eval_cli", "add_eval_arguments"), _from("lmforge.eval_cli", "run_eval")),
+    ("export", "export a checkpoint to Hugging Face (transformers) or GGUF (llama.cpp)",
+     _from("lmforge.export", "add_export_arguments"), _from("lmforge.export", "run_export")),
     ("report", "plots and a text summary of a run or a training log",
      _from("lmforge.monitor.report", "add_report_arguments"),
      _from("lmforge.monitor.report", "run_report")),
@@ -154,9 +156,12 @@ COMMANDS: list[tuple[str, str, Callable, Callable]] = [
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s options are built (None: all, e.g. for docs and tests)."""
-    parser = Parser(prog="lmforge", formatter_class=Formatter,
-                    description="Train small GPT/Llama-style language models from scratch: "
-                    "prepare -> train -> sft -> report / generate / chat / eval / export.")
+    parser = Parser(
+        prog="lmforge",
+        formatter_class=Formatter,
+        description="Train small GPT/Llama-style language models from scratch: "
+        "prepare -> train -> sft -> report / generate / chat / eval / export.",
+    )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, help_text, add_arguments, run in COMMANDS:

@@ -149,7 +149,7 @@ def chat(run_dir: Path, data: Path) -> None:
     print(f"\n$ lmforge chat {run_dir}   (scripted: a held-out story and its question)")
     print(f">>> {lines[0]}")
     stdin = sys.stdin
-    sys.stdin = io.StringIO("\n".join(line.replace("\n", " ") for line in lines) + "\n")
+    sys.stdin = io.StringIO("\n".join(line.replace("\n", "\\n") for line in lines) + "\n")
     try:
         status = lmforge(["chat", str(run_dir), "--temperature", "0"])
     finally:

@@ -106,7 +106,7 @@ def no_grad_sync(model: nn.Module, d: Dist, last_micro_step: bool):
 
 def full_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], d: Dist):
     """Unsharded model and optimizer state, keyed by parameter names, the same whether the run is
-    plain, DDP or FSDP2, so any world size can load it. A collective under FSDP: every rank calls it.
+    plain, DDP or FSDP2, so any world size can load it. Under FSDP every rank must call it.
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,

@@ -733,7 +733,8 @@ def export_gguf(
         writer.add_block_count(cfg.n_layers)
         writer.add_feed_forward_length(cfg.hidden)
         writer.add_head_count(cfg.n_heads)
-        writer.add_head_count_kv(cfg.kv_heads)
+        # gpt2 blocks have no grouped-query attention (c_attn is always 3 * dim wide).
+        writer.add_head_count_kv(cfg.kv_heads if arch == "llama" else cfg.n_heads)
         writer.add_vocab_size(cfg.padded_vocab)
         if arch == "llama":
             writer.add_layer_norm_rms_eps(cfg.norm_eps)

@@ -228,13 +228,14 @@ def run_chat(args: argparse.Namespace) -> int:
               "answers are continuations at best (run lmforge sft first)", file=sys.stderr)
     session = ChatSession(loaded, args, sys.stdout, one_line=not interactive)
     if interactive:
-        print(f"chatting with {loaded.path} | /reset clears the history, /exit (or Ctrl-D) leaves")
+        print(f"chatting with {loaded.path} | /reset clears the history, /exit (or Ctrl-D) "
+              "leaves, \\n in a line is a line break")
     while True:
         try:
             line = input("you> " if interactive else "")
         except EOFError:
             break
-        text = line.strip()
+        text = line.strip().replace("\\n", "\n")  # a typed \n is a line break
         if text == "/exit":
             break
         if text == "/reset":

@@ -65,8 +65,15 @@ def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
     return run
 
 
-def make_sampler(run: Path, tokenizer, prompts: list[str], tokens: int, temperature: float,
-                 seed: int, vocab_limit: int):
+def make_sampler(
+    run: Path,
+    tokenizer,
+    prompts: list[str],
+    tokens: int,
+    temperature: float,
+    seed: int,
+    vocab_limit: int,
+):
     """Periodic samples from fixed prompts into logs/samples.txt (own RNG: training unaffected).
     Returns sample(model, step, log): `log` None on ranks that only take part (FSDP)."""
 
@@ -74,8 +81,14 @@ def make_sampler(run: Path, tokenizer, prompts: list[str], tokens: int, temperat
         lines = [f"=== step {step} ==="]
         for i, prompt in enumerate(prompts):
             ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-            out = model.generate(ids, tokens, temperature=temperature, seed=seed + i,
-                                 vocab_limit=vocab_limit, stop_tokens=[tokenizer.eot_id])
+            out = model.generate(
+                ids,
+                tokens,
+                temperature=temperature,
+                seed=seed + i,
+                vocab_limit=vocab_limit,
+                stop_tokens=[tokenizer.eot_id],
+            )
             lines.append(f"[{prompt}] {tokenizer.decode(out)}")
         text = "\n".join(lines)
         if log is not None:
@@ -103,8 +116,9 @@ def settings_from(cfg: Config, floor: float | None, fpt: int) -> TrainSettings:
     )  # fmt: skip
 
 
-def run_info(cfg: Config, meta: dict[str, Any], precision, threads: int, d: Dist,
-             phase: str = "pretrain") -> dict[str, Any]:
+def run_info(
+    cfg: Config, meta: dict[str, Any], precision, threads: int, d: Dist, phase: str = "pretrain"
+) -> dict[str, Any]:
     """What `run_info.json` records: the report reads model and training settings from it."""
     m, t = cfg.model, cfg.train
     return {
@@ -128,8 +142,10 @@ def train_from_config(cfg: Config) -> int:
     meta = read_data_meta(cfg.data.dir)
     data_dir = Path(cfg.data.dir)
     if meta.get("kind") == "instruction" and not cfg.data.allow_instruction_data:
-        raise UserError(f"{data_dir} holds instruction data: phase 1 trains on plain text "
-                        "(use `lmforge sft`, or --data.allow_instruction_data=true)")
+        raise UserError(
+            f"{data_dir} holds instruction data: phase 1 trains on plain text "
+            "(use `lmforge sft`, or --data.allow_instruction_data=true)"
+        )
     cfg.model.vocab_size = int(meta["vocab_size"])
     t, m = cfg.train, cfg.model
     d = setup(t.distributed)
@@ -144,15 +160,20 @@ def train_from_config(cfg: Config) -> int:
         prepare_run_dir(cfg, resuming)
         tokenizer.save(run / "tokenizer")  # generate/chat/export find it beside the checkpoints
         info = run_info(cfg, meta, precision, threads, d)
-        (run / "run_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n",
-                                           encoding="utf-8")
+        (run / "run_info.json").write_text(
+            json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8"
+        )
     d.barrier()
 
     model = Transformer(m)
     if t.init_from:
+        from lmforge.export import init_from_hf, is_hf_folder
         from lmforge.train.checkpoint import load_weights_into
 
-        load_weights_into(model, t.init_from)
+        if is_hf_folder(t.init_from):  # a Hugging Face Llama / GPT-2 folder
+            init_from_hf(model, t.init_from)
+        else:
+            load_weights_into(model, t.init_from)
     model.activation_checkpointing = t.activation_checkpointing
     model.to(precision.device)
     train_model = wrap(model, d, precision.device, precision.dtype)  # before the optimizer: FSDP
@@ -161,37 +182,65 @@ def train_from_config(cfg: Config) -> int:
         (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps, cfg.optim.muon_lr,
         cfg.optim.muon_momentum, precision.device)  # fmt: skip
     batches = dict(rank=d.rank, world_size=d.world_size, device=precision.device)
-    train_batches = TokenBatches(data_dir / "train.bin", m.context, t.batch_size, t.seed,
-                                 mode=cfg.data.mode, stride=cfg.data.stride or None,
-                                 grad_accum=t.grad_accum, **batches)
-    val_batches = TokenBatches(data_dir / "val.bin", m.context, t.batch_size, t.seed + 1,
-                               **batches)
+    train_batches = TokenBatches(
+        data_dir / "train.bin",
+        m.context,
+        t.batch_size,
+        t.seed,
+        mode=cfg.data.mode,
+        stride=cfg.data.stride or None,
+        grad_accum=t.grad_accum,
+        **batches,
+    )
+    val_batches = TokenBatches(data_dir / "val.bin", m.context, t.batch_size, t.seed + 1, **batches)
     floor = meta.get("entropy_floor_nats_per_token")
     keys = ("vocab_size", "dtype", "train_tokens", "val_tokens", "entropy_floor_nats_per_token")
-    state_extra = {"config": cfg.to_dict(), "tokenizer": meta.get("tokenizer", {}),
-                   "data_meta": {k: meta.get(k) for k in keys}, "phase": "pretrain"}
+    state_extra = {
+        "config": cfg.to_dict(),
+        "tokenizer": meta.get("tokenizer", {}),
+        "data_meta": {k: meta.get(k) for k in keys},
+        "phase": "pretrain",
+    }
     compile_model = t.compile == "true" or (t.compile == "auto" and precision.device.type == "cuda")
-    trainer = Trainer(model, train_batches, val_batches, optimizers, device=precision,
-                      checkpoint_dir=run / "checkpoints",
-                      settings=settings_from(cfg, floor, flops_per_token(m, m.context)),
-                      state_extra=state_extra, log=print if d.is_main else _quiet,
-                      compile_model=compile_model, train_model=train_model, dist=d)
+    trainer = Trainer(
+        model,
+        train_batches,
+        val_batches,
+        optimizers,
+        device=precision,
+        checkpoint_dir=run / "checkpoints",
+        settings=settings_from(cfg, floor, flops_per_token(m, m.context)),
+        state_extra=state_extra,
+        log=print if d.is_main else _quiet,
+        compile_model=compile_model,
+        train_model=train_model,
+        dist=d,
+    )
     resumed_from = trainer.resume(t.resume)
     if resumed_from is None and t.resume not in ("auto", "none"):
         raise UserError(f"train.resume: could not resume from {t.resume}")
     if resumed_from is not None:
         _check_same_run(trainer, meta)
-    sampler = make_sampler(run, tokenizer, t.sample_prompts, t.sample_tokens,
-                           t.sample_temperature, t.seed, int(meta["vocab_size"]))
-    header = [f"lmforge {__version__} | {precision.describe()} | threads {threads}"
-              + (f" | {d.strategy} on {d.world_size} processes" if d.enabled else ""),
-              f"model {m.preset}: {count_parameters(m):,} parameters ({m.block}, "
-              f"{m.n_layers}x{m.dim}, {m.n_heads} heads, context {m.context}, vocab "
-              f"{m.vocab_size} padded to {m.padded_vocab})",
-              f"data {data_dir}: {meta.get('train_tokens', 0):,} train / "
-              f"{meta.get('val_tokens', 0):,} val tokens, tokenizer "
-              f"{meta.get('tokenizer', {}).get('name', '?')}"
-              + (f", entropy floor {floor:.4f} nats/token" if floor is not None else "")]
+    sampler = make_sampler(
+        run,
+        tokenizer,
+        t.sample_prompts,
+        t.sample_tokens,
+        t.sample_temperature,
+        t.seed,
+        int(meta["vocab_size"]),
+    )
+    header = [
+        f"lmforge {__version__} | {precision.describe()} | threads {threads}"
+        + (f" | {d.strategy} on {d.world_size} processes" if d.enabled else ""),
+        f"model {m.preset}: {count_parameters(m):,} parameters ({m.block}, "
+        f"{m.n_layers}x{m.dim}, {m.n_heads} heads, context {m.context}, vocab "
+        f"{m.vocab_size} padded to {m.padded_vocab})",
+        f"data {data_dir}: {meta.get('train_tokens', 0):,} train / "
+        f"{meta.get('val_tokens', 0):,} val tokens, tokenizer "
+        f"{meta.get('tokenizer', {}).get('name', '?')}"
+        + (f", entropy floor {floor:.4f} nats/token" if floor is not None else ""),
+    ]
     if resumed_from is not None:
         header.append(f"resumed from {resumed_from} at step {trainer.global_step}")
     try:
@@ -201,21 +250,31 @@ def train_from_config(cfg: Config) -> int:
     return 0
 
 
-def run_loop(trainer: Trainer, cfg: Config, run: Path, d: Dist, resumed_from: Path | None,
-             sampler, header: list[str], floor: float | None) -> None:
+def run_loop(
+    trainer: Trainer,
+    cfg: Config,
+    run: Path,
+    d: Dist,
+    resumed_from: Path | None,
+    sampler,
+    header: list[str],
+    floor: float | None,
+) -> None:
     """Attach the rank-0 outputs (metrics, dashboard, samples), train, summarise, report."""
     from lmforge.monitor.metrics import MetricsWriter
     from lmforge.monitor.report import LiveDashboard
 
     metrics = None
     if d.is_main:
-        metrics = MetricsWriter(run / "logs", tensorboard=cfg.log.tensorboard,
-                                resume_step=trainer.global_step if resumed_from else None,
-                                fresh=resumed_from is None)
+        metrics = MetricsWriter(
+            run / "logs",
+            tensorboard=cfg.log.tensorboard,
+            resume_step=trainer.global_step if resumed_from else None,
+            fresh=resumed_from is None,
+        )
         trainer.metrics, trainer.log = metrics, metrics.log_line
         if cfg.log.plot_every:
-            trainer.dashboard = LiveDashboard(run, cfg.log.plot_every,
-                                              cfg.log.keep_plot_iterations)
+            trainer.dashboard = LiveDashboard(run, cfg.log.plot_every, cfg.log.keep_plot_iterations)
     log = trainer.log
     trainer.sampler = lambda model, step: sampler(model, step, log if d.is_main else None)
     for line in header:

@@ -13,6 +13,7 @@ import math
 import resource
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,13 +82,14 @@ class History:
         return {k: list(v) for k, v in self.__dict__.items()}
 
 
-class Batches:
+class Batches(ABC):
     """What the loop reads: `get(step, micro_step) -> dict` with `input_ids` and `labels` (B, T),
     optionally `position_ids`/`doc_ids`; `epoch_of(step)`. Adapters below wrap token files and
     DataLoaders."""
 
+    @abstractmethod
     def get(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        raise NotImplementedError  # an interface: subclasses implement it
+        """The micro-batch at this position: a pure function of (step, micro_step)."""
 
     def epoch_of(self, step: int) -> int:
         return 0

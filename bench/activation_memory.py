@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).parent / "results"
+from common import dump, report
 
 
 def child(args: argparse.Namespace) -> None:
@@ -80,27 +77,18 @@ def main() -> None:
         rows[variant] = json.loads(out.strip().splitlines()[-1])
     ratio = rows["checkpointed"]["step_peak_mib"] / rows["plain"]["step_peak_mib"]
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
         "config": {k: getattr(args, k) for k in ("layers", "dim", "batch", "context", "vocab")},
         "rows": rows,
         "ratio_checkpointed_over_plain": round(ratio, 3),
     }
-    print(f"machine: {result['machine']}")
-    print(f"config:  {result['config']}")
+    report("activation_memory", result)
     print(f"{'variant':<13} {'step peak (MiB)':>16} {'step (s)':>9} {'loss':>9}")
     for name, row in rows.items():
         print(
             f"{name:<13} {row['step_peak_mib']:>16,.1f} {row['seconds']:>9.2f} {row['loss']:>9.5f}"
         )
     print(f"checkpointed / plain peak = {ratio:.3f}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "activation_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    dump("activation_memory")
 
 
 if __name__ == "__main__":

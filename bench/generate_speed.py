@@ -6,17 +6,13 @@ python bench/generate_speed.py [--new-tokens 512] [--layers 6] [--dim 256]
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
+from common import dump, report
 
 from lmforge.config import model_config
 from lmforge.model import Transformer
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -52,29 +48,20 @@ def main() -> None:
         }
     speedup = rows["cached"]["tokens_per_s"] / rows["uncached"]["tokens_per_s"]
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
         "config": {**vars(args), "params": sum(p.numel() for p in model.parameters())},
         **rows,
         "speedup": round(speedup, 2),
         "same_tokens": outputs["cached"] == outputs["uncached"],
         "target": "speedup >= 10",
     }
-    print(f"machine: {result['machine']}")
-    print(f"config:  {result['config']}")
+    report("generate_speed", result)
     print(f"{'decoding':<10} {'seconds':>9} {'tokens/s':>10}")
     for name, row in rows.items():
         print(f"{name:<10} {row['seconds']:>9.2f} {row['tokens_per_s']:>10.1f}")
     print(
         f"speedup {speedup:.1f}x (target >= 10x); identical greedy tokens: {result['same_tokens']}"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "generate_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    dump("generate_speed")
 
 
 if __name__ == "__main__":

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).parent / "results"
+from common import dump, report
 
 
 def child(args: argparse.Namespace) -> None:
@@ -114,13 +111,6 @@ def main() -> None:
     ratio = chunked["step_peak_mib"] / plain["step_peak_mib"]
     logits_mib = args.batch * args.context * args.vocab * 4 / 2**20
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
         "config": {
             "batch": args.batch,
             "context": args.context,
@@ -136,15 +126,12 @@ def main() -> None:
         "loss_chunked": chunked["loss"],
         "target": "ratio <= 0.5",
     }
-    print(f"machine: {result['machine']}")
-    print(f"config:  {result['config']}")
+    report("loss_memory", result)
     print(f"{'variant':<10} {'step peak (MiB)':>16} {'loss':>10}")
     print(f"{'plain':<10} {plain['step_peak_mib']:>16,.1f} {plain['loss']:>10.5f}")
     print(f"{'chunked':<10} {chunked['step_peak_mib']:>16,.1f} {chunked['loss']:>10.5f}")
     print(f"chunked / plain = {ratio:.3f}   (target <= 0.5)")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "loss_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    dump("loss_memory")
 
 
 if __name__ == "__main__":

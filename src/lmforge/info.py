@@ -52,9 +52,10 @@ def flops_per_token(cfg: ModelConfig, context: int | None = None) -> int:
 
     N is every parameter except the learned position table (it costs a lookup, not a matmul).
     """
+    from lmforge.monitor.metrics import flops_per_token as palm_flops
+
     n = count_parameters(cfg, padded=True) - cfg.max_context * cfg.dim * (cfg.block == "gpt2")
-    T = context or cfg.context
-    return 6 * n + 12 * cfg.n_layers * cfg.dim * T
+    return palm_flops(n, cfg.n_layers, cfg.dim, context or cfg.context)
 
 
 @dataclass

@@ -279,22 +279,30 @@ def run_loop(
     trainer.sampler = lambda model, step: sampler(model, step, log if d.is_main else None)
     for line in header:
         log(line)
-    start = time.time()
     try:
-        trainer.train()
-        wall = time.time() - start
-        finished = trainer.stop_reason == "finished" or trainer.stop_reason.startswith("early")
-        final = trainer.save_weights(run / "checkpoints" / "final_model.pt") if finished else None
-        if d.is_main:
-            summarise(trainer, run, floor, wall, final, log)
-            try:
-                paths = LiveDashboard(run, 0).final()
-                log(f"report: {', '.join(str(p) for p in paths.values())}")
-            except UserError as e:  # e.g. no metrics rows yet: the run itself is fine
-                log(f"report skipped: {e}")
+        train_and_finish(trainer, run, floor, log)
     finally:
         if metrics is not None:
             metrics.close()
+
+
+def train_and_finish(trainer: Trainer, run: Path, floor: float | None, log) -> None:
+    """Train; then final_model.pt (unless interrupted), the summary and the report (rank 0)."""
+    from lmforge.monitor.report import LiveDashboard
+
+    start = time.time()
+    trainer.train()
+    wall = time.time() - start
+    finished = trainer.stop_reason == "finished" or trainer.stop_reason.startswith("early")
+    final = trainer.save_weights(run / "checkpoints" / "final_model.pt") if finished else None
+    if not trainer.dist.is_main:
+        return
+    summarise(trainer, run, floor, wall, final, log)
+    try:
+        paths = LiveDashboard(run, 0).final()
+        log(f"report: {', '.join(str(p) for p in paths.values())}")
+    except UserError as e:  # e.g. no metrics rows yet: the run itself is fine
+        log(f"report skipped: {e}")
 
 
 def _quiet(_: str) -> None:

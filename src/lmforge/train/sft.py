@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from lmforge.errors import UserError
 from lmforge.info import count_parameters, flops_per_token
 from lmforge.model import Transformer
 from lmforge.train.checkpoint import load_model, load_run_tokenizer
-from lmforge.train.cli import _progress_wanted, prepare_run_dir, summarise
+from lmforge.train.cli import _progress_wanted, prepare_run_dir, train_and_finish
 from lmforge.train.trainer import Batches, Trainer, TrainSettings, default_optimizer
 
 PHASE = "sft"
@@ -294,18 +293,8 @@ def sft_from_config(cfg: Config) -> int:
     _log_start(log, cfg, info, conversations, precision, threads, extended, trainer, unknown)
     if resumed_from is not None:
         log(f"resumed from {resumed_from} at step {trainer.global_step}")
-    start = time.time()
     try:
-        trainer.train()
-        wall = time.time() - start
-        finished = trainer.stop_reason == "finished" or trainer.stop_reason.startswith("early")
-        final = trainer.save_weights(checkpoints / "final_model.pt") if finished else None
-        summarise(trainer, run, None, wall, final, log)
-        try:
-            paths = LiveDashboard(run, 0).final()
-            log(f"report: {', '.join(str(p) for p in paths.values())}")
-        except UserError as e:  # e.g. no metrics rows yet: the run itself is fine
-            log(f"report skipped: {e}")
+        train_and_finish(trainer, run, None, log)
     finally:
         metrics.close()
     return 0

@@ -138,8 +138,8 @@ def evaluate(run_dir: Path, data: Path, label: str) -> float:
         "--json",
         str(result),
     )
-    metrics = json.loads(result.read_text())
-    return float(metrics.get("accuracy", metrics.get("exact_match", 0.0)))
+    metrics = json.loads(result.read_text())["metrics"]  # percentages
+    return float(metrics.get("accuracy", metrics.get("exact_match", 0.0))) / 100
 
 
 def chat(run_dir: Path, data: Path) -> None:

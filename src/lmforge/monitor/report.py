@@ -182,7 +182,7 @@ def settings_lines(info: dict[str, Any]) -> list[str]:
     """Model and training settings as two short lines (none when the log has none)."""
     m, t = info.get("model", {}), info.get("train", {})
     heads = m.get("n_heads")
-    if heads is not None and m.get("n_kv_heads") not in (None, heads):
+    if heads is not None and m.get("n_kv_heads") not in (None, 0, heads):  # 0 means n_heads
         heads = f"{heads} (kv {m['n_kv_heads']})"
     lr = t.get("lr") and f"{t['lr']:g}" + (f" -> {t['min_lr']:g}" if t.get("min_lr") else "")
     batch = t.get("batch_size")
@@ -197,7 +197,8 @@ def settings_lines(info: dict[str, Any]) -> list[str]:
         heads=heads,
         dim=m.get("dim"),
         vocab=m.get("vocab_size"),
-        tokenizer=info.get("tokenizer"),
+        tokenizer=tokenizer.get("name") if isinstance(tokenizer := info.get("tokenizer"), dict)
+        else tokenizer,
     )
     train = dict(
         batch=batch,

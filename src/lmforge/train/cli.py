@@ -350,6 +350,10 @@ def summarise(
                 f"entropy floor {floor:.4f}: best val loss is {best - floor:+.4f} nats/token "
                 f"from it"
             )
+    dashboard = trainer.dashboard
+    if dashboard is not None and trainer.elapsed:
+        lines.append(f"live dashboard: {dashboard.seconds:.1f} s of refreshes, "
+                     f"{100 * dashboard.seconds / trainer.elapsed:.2f} % of training time")
     if final is not None:
         lines.append(f"final model: {final}")
     lines.append(f"run folder: {run}")

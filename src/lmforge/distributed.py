@@ -60,9 +60,16 @@ def setup(strategy: str = "ddp", device_type: str | None = None) -> Dist:
     return Dist(rank, world_size, local_rank, strategy)
 
 
-def teardown() -> None:
+def teardown(together: bool = True) -> None:
+    """Leave the process group. After a normal end the ranks leave together: one that exits while
+    another still talks to it can abort the other (gloo: "terminate called without an active
+    exception"). After an error, no barrier: the other ranks may never reach it."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if together:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, d: Dist, device: torch.device, dtype: str = "fp32") -> nn.Module:

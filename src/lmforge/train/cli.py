@@ -243,10 +243,12 @@ def train_from_config(cfg: Config) -> int:
     ]
     if resumed_from is not None:
         header.append(f"resumed from {resumed_from} at step {trainer.global_step}")
+    ended_normally = False
     try:
         run_loop(trainer, cfg, run, d, resumed_from, sampler, header, floor)
+        ended_normally = True
     finally:
-        teardown()
+        teardown(together=ended_normally)
     return 0
 
 

@@ -339,10 +339,11 @@ class Trainer:
         # Instruction tuning: normalise by the assistant tokens of ALL micro-batches, so a long
         # answer in one micro-batch weighs the same as if the batch had not been split.
         world = self.dist.world_size
-        n_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-        if by_tokens and self.dist.enabled:
+        n_targets = 0
+        if by_tokens:  # counted only when used: int() of a CUDA tensor waits for the GPU
+            n_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
             n_targets = int(self.dist.all_reduce_sum([n_targets], self.device)[0])
-        total_loss = 0.0
+        total_loss = torch.zeros((), device=self.device)
         for m, batch in enumerate(batches):
             with no_grad_sync(self.train_model, self.dist, last_micro_step=m == len(batches) - 1):
                 if by_tokens:  # x world: DDP averages gradients over ranks, undo it for sums
@@ -350,8 +351,9 @@ class Trainer:
                 else:
                     loss = self._loss(batch, "mean") / s.grad_accum
                 self.scaler.scale(loss).backward()
-            total_loss += loss.item() / world
+            total_loss += loss.detach().float() / world
             self.tokens_seen += batch["input_ids"].numel() * world
+        total_loss = total_loss.item()  # the step's one host-device sync for the loss
         stop = float(self._stop is not None and self._stop.requested is not None)
         by_time = self.settings.save_every_minutes and (
             time.monotonic() - self._last_save > 60 * self.settings.save_every_minutes

@@ -267,6 +267,11 @@ def model_config(preset_or_path: str, **overrides: Any) -> ModelConfig:
     return _build_model(raw)
 
 
+def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from saved values (a checkpoint's or an export's), checked like any config."""
+    return _build_section(ModelConfig, values, "model")
+
+
 def _build_model(raw: dict[str, Any]) -> ModelConfig:
     preset = raw.get("preset", ModelConfig.preset)
     if preset not in PRESETS:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.config import ModelConfig, _build_section
+from lmforge.config import ModelConfig, model_config_from_dict
 from lmforge.errors import UserError
 from lmforge.model import Transformer
 from lmforge.tokenizers import (
@@ -228,7 +228,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         )
     exact = hf.get(LMFORGE_KEY, {}).get("model")
     if exact:
-        return _build_section(ModelConfig, exact, "model")
+        return model_config_from_dict(exact)
 
     def refuse(what: str) -> UserError:
         return UserError(f"{where}: {arch} with {what} cannot be mapped onto an lmforge model")
@@ -282,7 +282,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         pad_vocab_multiple=1,
         dropout=0.0,
     )
-    return _build_section(ModelConfig, values, "model")
+    return model_config_from_dict(values)
 
 
 # --------------------------------------------------------------------------------------------

@@ -181,14 +181,14 @@ def resolve_checkpoint(ckpt_or_run: str | Path) -> Path:
 
 def load_model(ckpt_or_run: str | Path, device: str | torch.device = "cpu"):
     """(model, state) from an lmforge checkpoint or run folder, in eval mode."""
-    from lmforge.config import ModelConfig, _build_section
+    from lmforge.config import model_config_from_dict
     from lmforge.model import Transformer
 
     path = resolve_checkpoint(ckpt_or_run)
     state = load_checkpoint(path, map_location=device)
     if "config" not in state:
         raise CheckpointError(f"{path} has no model config in it: not written by lmforge train")
-    cfg = _build_section(ModelConfig, state["config"]["model"], "model")
+    cfg = model_config_from_dict(state["config"]["model"])
     model = Transformer(cfg).to(device)
     model.load_state_dict(state["model"])
     model.eval()

@@ -30,11 +30,12 @@ from lmforge.data.instruct import (
     render_prompt,
 )
 from lmforge.device import pick, setup_threads
+from lmforge.distributed import Dist
 from lmforge.errors import UserError
-from lmforge.info import count_parameters, flops_per_token
+from lmforge.info import flops_per_token
 from lmforge.model import Transformer
 from lmforge.train.checkpoint import load_model, load_run_tokenizer
-from lmforge.train.cli import _progress_wanted, prepare_run_dir, train_and_finish
+from lmforge.train.cli import _progress_wanted, prepare_run_dir, run_info, train_and_finish
 from lmforge.train.trainer import Batches, Trainer, TrainSettings, default_optimizer
 
 PHASE = "sft"
@@ -302,22 +303,13 @@ def sft_from_config(cfg: Config) -> int:
 
 def _run_info(cfg: Config, init_path: Path, identity: dict[str, Any], fpt: int, precision,
               threads: int, conversations, n_train: int, n_val: int) -> dict[str, Any]:
-    """run_info.json: what `lmforge report` and a person reading the folder need to know."""
-    m, t, s = cfg.model, cfg.train, cfg.sft
-    return {
-        "params": count_parameters(m), "phase": PHASE, "init_from": str(init_path),
-        "tokenizer": identity, "flops_per_token": fpt,
-        "model": {**m.__dict__, "padded_vocab_size": m.padded_vocab},
-        "train": {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "context": m.context,
-                  "lr": cfg.optim.lr, "min_lr": cfg.optim.min_lr, "schedule": cfg.schedule.kind,
-                  "optimizer": cfg.optim.name, "max_steps": t.max_steps,
-                  "max_epochs": s.max_epochs, "device": str(precision.device),
-                  "dtype": precision.dtype, "threads": threads},
-        "data": s.data, "weights": s.weights, "pack": s.pack,
-        "sources": [src.__dict__ for src in conversations.sources],
-        "examples": {"train": n_train, "val": n_val, "skipped": conversations.skipped},
-        "lmforge": __version__, "torch": torch.__version__,
-    }
+    """run_info.json: phase 1's record plus what only instruction tuning has."""
+    info = run_info(cfg, {"tokenizer": identity}, precision, threads, Dist(), phase=PHASE)
+    info["train"]["max_epochs"] = cfg.sft.max_epochs
+    return {**info, "flops_per_token": fpt, "init_from": str(init_path), "data": cfg.sft.data,
+            "weights": cfg.sft.weights, "pack": cfg.sft.pack,
+            "sources": [src.__dict__ for src in conversations.sources],
+            "examples": {"train": n_train, "val": n_val, "skipped": conversations.skipped}}
 
 
 def _log_start(log, cfg: Config, info: dict[str, Any], conversations, precision, threads: int,

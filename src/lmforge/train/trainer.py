@@ -258,11 +258,9 @@ class Trainer:
             warmup_steps=0,
             schedule="constant",
         )
-        if optimizer is not None:  # the user's own optimizer keeps its own learning rate
-            self.settings.lr = (
-                optimizer[0] if isinstance(optimizer, list) else optimizer
-            ).param_groups[0]["lr"]
-            self.settings.schedule = self.settings.schedule if settings else "constant"
+        if optimizer is not None and settings is None:  # the user's optimizer keeps its lr
+            first = optimizer[0] if isinstance(optimizer, list) else optimizer
+            self.settings.lr = first.param_groups[0]["lr"]
         self.dist = dist or Dist()
         self.model = model.to(self.device)
         # What forward/backward run through: the model, or its DDP/FSDP wrapper, maybe compiled.

@@ -184,6 +184,33 @@ def test_stories_qa_user_text():
     )
 
 
+def test_stories_qa_questions_per_story(tmp_path: Path):
+    """Grouped: every question asked once, the story only in the first turn, answers kept."""
+    records = [
+        {"story": story, "question": f"Q{story[-1]}{i}?", "answer": f"A{story[-1]}{i}"}
+        for story, n in (("Story 1", 5), ("Story 2", 2))
+        for i in range(n)
+    ]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    single = instruct.read_stories_qa(path)
+    grouped = instruct.read_stories_qa(path, questions_per_story=3, seed=1)
+    assert len(single) == 7 and [len(c) // 2 for c in grouped] == [3, 2, 2]
+    asked = {}
+    for conversation in grouped:
+        story = conversation[0].content.split("\n")[0]
+        assert story.startswith("Story") and all("\n" not in t.content for t in conversation[1:])
+        for user, assistant in zip(conversation[::2], conversation[1::2]):
+            question = user.content.split("\n")[-1]
+            assert question[1:-1] == assistant.content[1:] and question[1] == story[-1]
+            asked[question] = asked.get(question, 0) + 1
+    assert sorted(asked) == sorted(r["question"] for r in records) and set(asked.values()) == {1}
+    # the order is shuffled (seeded): not always the file's order
+    firsts = {instruct.read_stories_qa(path, questions_per_story=5, seed=s)[0][0].content[-4:]
+              for s in range(8)}  # fmt: skip
+    assert len(firsts) > 1
+
+
 def test_render_prompt_ends_with_assistant_tag():
     so_far = [Turn("user", "Hi"), Turn("assistant", "Hello"), Turn("user", "Bye?")]
     prompt = render_prompt(so_far, TOK)

@@ -127,3 +127,53 @@ def test_too_short_and_bad_mode(data_dir: Path) -> None:
         TokenBatches(np.arange(10), context=16, batch_size=1, seed=0)
     with pytest.raises(UserError, match="batch mode"):
         TokenBatches(data_dir / "train.bin", context=16, batch_size=1, seed=0, mode="sequential")
+
+
+def _documents(lengths: list[int], eot: int = 0) -> np.ndarray:
+    """Documents of the given lengths (tokens 1..9, never eot), each followed by an eot."""
+    rng = np.random.default_rng(1)
+    parts = [np.append(rng.integers(1, 10, n), eot) for n in lengths]
+    return np.concatenate(parts).astype(np.uint16)
+
+
+def test_doc_windows_start_where_documents_start() -> None:
+    lengths = [5, 12, 3, 40, 7, 9, 25, 4, 11, 30]  # 40 and 30 are longer than the window
+    data = _documents(lengths)
+    context = 16
+    batches = TokenBatches(data, context, batch_size=64, seed=3, mode="doc", eot_id=0)
+    doc_start = np.concatenate([[0], np.flatnonzero(data == 0)])  # window 0 and every eot
+    expected = set()
+    for start, end in zip(doc_start, np.append(doc_start[1:], len(data))):
+        expected.update(range(int(start), int(end), context))  # long ones: every 16 tokens
+    expected = {s for s in expected if s <= len(data) - context - 1}
+    assert set(batches.doc_starts.tolist()) == expected
+    seen = set()
+    for step in range(20):
+        starts = batches.offsets(step)
+        seen.update(starts.tolist())
+        x, y = batches.get_batch(step)
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row, start in zip(x, starts):
+            assert row.tolist() == data[start : start + context].astype(np.int64).tolist()
+    assert seen == expected  # 1,280 draws reach every start
+    # a pure function of (seed, step, micro_step), like the random mode
+    again = TokenBatches(data, context, batch_size=64, seed=3, mode="doc", eot_id=0)
+    assert torch.equal(again.get_batch(7, 1)[0], batches.get_batch(7, 1)[0])
+    assert not torch.equal(again.get_batch(7, 0)[0], batches.get_batch(7, 1)[0])
+
+
+def test_doc_validation_scores_the_first_document_only(data_dir: Path) -> None:
+    data = _documents([5, 12, 3, 6, 7, 9, 25, 4, 11, 8, 10, 6])
+    batches = TokenBatches(data, 16, 32, seed=0, mode="doc", eot_id=0, first_doc_only=True)
+    x, y = batches.get_batch(0)
+    for start, row in zip(batches.offsets(0), y):
+        first_end = int(np.flatnonzero(data[start + 1 :] == 0)[0])  # its eot, as a target index
+        kept = (row != -100).nonzero().flatten().tolist()
+        assert kept == list(range(min(first_end + 1, 16)))  # the document and its eot
+    # doc mode finds the eot id in meta.json beside the file
+    meta = json.loads((data_dir / "meta.json").read_text())
+    (data_dir / "meta.json").write_text(json.dumps({**meta, "eot_id": 7}))
+    assert TokenBatches(data_dir / "train.bin", 16, 2, seed=0, mode="doc").eot_id == 7
+    (data_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="eot_id"):
+        TokenBatches(data_dir / "train.bin", 16, 2, seed=0, mode="doc")

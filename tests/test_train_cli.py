@@ -229,6 +229,19 @@ def test_resolved_config_is_written_and_reloads(data_dir, tmp_path):
     assert cfg.model.dim == 32 and cfg.train.max_steps == 2 and cfg.data.dir == str(data_dir)
 
 
+def test_doc_batches_learn_and_resume_the_same_curve(data_dir, tmp_path):
+    """data.mode=doc: windows start at stories; the loss falls; a resume continues the curve."""
+    doc = ("--data.mode=doc", "--train.max_steps=30", "--train.save_every=10")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert train(data_dir, whole, *doc).returncode == 0
+    assert train(data_dir, cut, *doc[:2], "--train.max_steps=20", "--train.save_every=10",
+                 "--schedule.decay_steps=30").returncode == 0  # fmt: skip
+    expected = rows(whole)
+    assert float(expected[-1]["val_loss"]) < float(expected[0]["loss"]) - 0.5
+    assert train(data_dir, cut, *doc).returncode == 0
+    assert rows(cut) == expected
+
+
 def test_train_help_lists_every_key_with_default():
     import dataclasses
 

@@ -124,8 +124,9 @@ class DataConfig:
     )
     mode: str = opt(
         "random",
-        "batches: random windows, or epoch (non-overlapping, shuffled)",
-        ("random", "epoch"),
+        "batches: random windows; epoch (non-overlapping, shuffled); or doc (random windows that "
+        "start where a document starts, validation scoring whole documents)",
+        ("random", "epoch", "doc"),
     )
     stride: int = opt(0, "epoch mode: window stride in tokens (0 = context)")
     allow_instruction_data: bool = opt(False, "let phase 1 train on instruction-format data")
@@ -230,6 +231,9 @@ class SFTConfig:
     min_delta: float = opt(0.001, "early stopping: smallest val-loss drop that counts")
     max_epochs: int = opt(2, "passes over the instruction data")
     pack: bool = opt(False, "pack several examples per row (no cross-example attention)")
+    questions_per_story: int = opt(
+        1, "stories-qa: questions about one story asked in one conversation (follow-up turns)"
+    )
     skip_bad: bool = opt(False, "skip malformed records (and count them) instead of stopping")
     allow_plain_text: bool = opt(False, "let phase 2 train on plain-text data")
 
@@ -481,6 +485,7 @@ def validate(cfg: Config) -> None:
     need(cfg.log.plot_every >= 0, "log.plot_every must be >= 0")
     need(0 < cfg.sft.val_fraction < 1, "sft.val_fraction must be in (0, 1)")
     need(cfg.sft.max_epochs > 0, "sft.max_epochs must be positive")
+    need(cfg.sft.questions_per_story > 0, "sft.questions_per_story must be positive")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

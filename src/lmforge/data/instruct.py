@@ -390,21 +390,42 @@ def read_chat(path: str | Path, skip_bad: bool = False) -> Conversations:
     return recs.done()
 
 
-def read_stories_qa(path: str | Path, skip_bad: bool = False) -> Conversations:
+def read_stories_qa(
+    path: str | Path, skip_bad: bool = False, questions_per_story: int = 1, seed: int = 0
+) -> Conversations:
     """lmforge's built-in story Q&A JSONL: ``{"story", "question", "answer", "story_index"}``.
 
-    user = story + ``"\\n"`` + question; assistant = answer.
+    user = story + ``"\\n"`` + question; assistant = answer. With ``questions_per_story`` N > 1,
+    the questions about one story (consecutive records with the same story) are asked N to a
+    conversation, in a seeded shuffled order: the first with the story, the rest as follow-up
+    turns, as a user would ask them in ``lmforge chat``. The story is then read once for up to N
+    answers, so a training step learns from N times the answer tokens for little more compute.
     """
     path = Path(path)
     recs = _Records(path, "stories-qa", skip_bad)
+    groups: list[tuple[str, list[tuple[str, str]]]] = []
     for where, record in _json_records(path, recs):
         values = {key: _string_field(record, key) for key in ("story", "question", "answer")}
         missing = [key for key, value in values.items() if value is None]
         if missing:
             recs.bad(where, f"missing or non-text {', '.join(repr(k) for k in missing)}")
             continue
-        user = values["story"].strip() + "\n" + values["question"].strip()
-        recs.add([Turn("user", user), Turn("assistant", values["answer"].strip())])
+        story = values["story"].strip()
+        pair = (values["question"].strip(), values["answer"].strip())
+        if groups and groups[-1][0] == story and questions_per_story > 1:
+            groups[-1][1].append(pair)
+        else:
+            groups.append((story, [pair]))
+    rng = np.random.default_rng([seed, 11])
+    for story, pairs in groups:
+        order = rng.permutation(len(pairs)) if len(pairs) > 1 else [0]
+        for first in range(0, len(pairs), questions_per_story):
+            turns: Conversation = []
+            for k in order[first : first + questions_per_story]:
+                question, answer = pairs[k]
+                user = question if turns else story + "\n" + question
+                turns += [Turn("user", user), Turn("assistant", answer)]
+            recs.add(turns)
     return recs.done()
 
 
@@ -513,8 +534,21 @@ def _parse_spec_item(item: str) -> tuple[str | None, Path]:
     return None, Path(item.strip()).expanduser()
 
 
+def _read(
+    fmt: str, path: Path, skip_bad: bool, questions_per_story: int, seed: int
+) -> Conversations:
+    if fmt == "stories-qa":
+        return read_stories_qa(path, skip_bad, questions_per_story, seed)
+    return READERS[fmt](path, skip_bad=skip_bad)
+
+
 def _read_source(
-    fmt: str | None, path: Path, skip_bad: bool, allow_plain_text: bool
+    fmt: str | None,
+    path: Path,
+    skip_bad: bool,
+    allow_plain_text: bool,
+    questions_per_story: int = 1,
+    seed: int = 0,
 ) -> tuple[Conversations, str]:
     """Read one spec entry (a file or a folder) and name the format(s) it was read as."""
     if path.is_dir():
@@ -529,7 +563,7 @@ def _read_source(
                 log.info("%s: not instruction data (%s), skipped", file, found)
                 continue
             else:
-                part = READERS[found](file, skip_bad=skip_bad)
+                part = _read(found, file, skip_bad, questions_per_story, seed)
             out.extend(part)
             out.skipped += part.skipped
             formats.append(found)
@@ -551,7 +585,7 @@ def _read_source(
         if not allow_plain_text:
             raise UserError(f"{path} looks like plain text; {_PLAIN_TEXT_HINT}")
         return read_plain_text(path), "text"
-    return READERS[fmt](path, skip_bad=skip_bad), fmt
+    return _read(fmt, path, skip_bad, questions_per_story, seed), fmt
 
 
 def _parse_weights(weights: str | Sequence[float] | None, n_sources: int) -> list[float]:
@@ -593,6 +627,7 @@ def load_sources(
     skip_bad: bool = False,
     seed: int = 0,
     allow_plain_text: bool = False,
+    questions_per_story: int = 1,
 ) -> Conversations:
     """Read and mix the conversations named by ``spec``.
 
@@ -601,6 +636,7 @@ def load_sources(
     instruction data are skipped). ``weights`` (comma-separated, one per spec entry; default all 1)
     makes source ``i`` contribute ``round(w_i * len_i)`` conversations, sampled with numpy seeded
     by ``(seed, i)`` -- see ``_mix``. Plain text is refused unless ``allow_plain_text``.
+    ``questions_per_story`` groups the built-in story Q&A (see ``read_stories_qa``).
     The result's ``skipped`` and ``sources`` say what was read.
     """
     items = [item.strip() for item in spec.split(",") if item.strip()]
@@ -612,7 +648,9 @@ def load_sources(
         fmt, path = _parse_spec_item(item)
         if not path.exists():
             raise UserError(f"{path} does not exist; check the path in the data spec")
-        conversations, found = _read_source(fmt, path, skip_bad, allow_plain_text)
+        conversations, found = _read_source(
+            fmt, path, skip_bad, allow_plain_text, questions_per_story, seed
+        )
         chosen = _mix(len(conversations), weight, np.random.default_rng([seed, index]))
         mixed.extend(conversations[i] for i in chosen)
         mixed.skipped += conversations.skipped

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 
 from lmforge.errors import UserError
+from lmforge.loss import IGNORE_INDEX
 
-MODES = ("random", "epoch")
+MODES = ("random", "epoch", "doc")
+SCAN_TOKENS = 1 << 26  # document starts are found 64 M tokens at a time: flat memory
 
 
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
@@ -56,6 +58,13 @@ class TokenBatches:
     shuffled per epoch with ``default_rng([seed, epoch])`` and consumed in order: sequence ``j`` of
     micro-batch (step, micro_step, rank) is global sample
     ``((step * grad_accum + micro_step) * world_size + rank) * batch_size + j``.
+    ``mode="doc"``: like random, but every window starts at a document boundary (on the ``eot``
+    token that ends the document before, so it reads as a BOS), or every ``context`` tokens inside
+    a document longer than the window. A random offset cuts the first part of a document off, and
+    whatever later depends on it (a name to copy, a question's answer) cannot be learnt from that
+    window; nanochat aligns its rows to BOS for the same reason. ``first_doc_only=True`` (for
+    validation) scores only the window's first document, so that the mean loss weighs documents
+    as the corpus does and can be set against the entropy floor.
     """
 
     def __init__(
@@ -71,6 +80,8 @@ class TokenBatches:
         stride: int | None = None,
         grad_accum: int = 1,
         dtype: str | None = None,
+        eot_id: int | None = None,
+        first_doc_only: bool = False,
     ) -> None:
         if mode not in MODES:
             raise UserError(f"batch mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -85,6 +96,8 @@ class TokenBatches:
         self.mode = mode
         self.stride = stride or context
         self.grad_accum = grad_accum
+        self.first_doc_only = first_doc_only
+        meta: dict[str, Any] = {}
         if isinstance(path_or_array, np.ndarray):
             self._array: np.ndarray | None = path_or_array
             self.path = None
@@ -94,11 +107,12 @@ class TokenBatches:
             self.path = Path(path_or_array)
             if not self.path.is_file():
                 raise UserError(f"token file {self.path} not found; run lmforge prepare first")
-            if dtype is None:
+            if dtype is None or (mode == "doc" and eot_id is None):
                 meta_path = self.path.parent / "meta.json"
                 if not meta_path.is_file():
                     raise UserError(f"{meta_path} not found: cannot tell the dtype of {self.path}")
-                dtype = json.loads(meta_path.read_text(encoding="utf-8"))["dtype"]
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                dtype = dtype or meta["dtype"]
             self._dtype = np.dtype(dtype)
             self.num_tokens = self.path.stat().st_size // self._dtype.itemsize
         if self.num_tokens < context + 1:
@@ -110,6 +124,33 @@ class TokenBatches:
         # Epoch mode: window starts 0, stride, 2*stride, ... that fit entirely.
         self.windows_per_epoch = (self.num_tokens - context - 1) // self.stride + 1
         self._perm_cache: dict[int, np.ndarray] = {}
+        self.eot_id = eot_id if eot_id is not None else meta.get("eot_id")
+        self.doc_starts: np.ndarray | None = None
+        if mode == "doc" or first_doc_only:
+            if self.eot_id is None:
+                raise UserError("doc batches need the end-of-text id (eot_id in meta.json)")
+        if mode == "doc":
+            self.doc_starts = self._document_starts()
+
+    def _document_starts(self) -> np.ndarray:
+        """Window starts: 0, every eot (it ends the document before the next one), and every
+        ``context`` tokens inside longer documents; all that leave room for a whole window."""
+        data = self._data()
+        eots = [np.flatnonzero(data[i : i + SCAN_TOKENS] == self.eot_id) + i
+                for i in range(0, self.num_tokens, SCAN_TOKENS)]  # fmt: skip
+        bounds = np.unique(np.concatenate([np.zeros(1, np.int64), *eots]).astype(np.int64))
+        lengths = np.diff(np.append(bounds, self.num_tokens))
+        pieces = -(-lengths // self.context)  # windows needed to cover each document
+        first = np.repeat(bounds, pieces)
+        within = np.arange(len(first)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        starts = first + within * self.context
+        starts = starts[starts <= self.num_tokens - self.context - 1]
+        if len(starts) == 0:
+            raise UserError(
+                f"{self.path or 'the token array'}: no document start leaves room for a window "
+                f"of {self.context + 1} tokens; lower the context"
+            )
+        return starts
 
     # ------------------------------------------------------------------------------- positions
     @property
@@ -137,6 +178,12 @@ class TokenBatches:
 
     def offsets(self, step: int, micro_step: int = 0) -> np.ndarray:
         """Start offsets (tokens) of the batch's windows: a pure function of the arguments."""
+        if self.mode == "doc":
+            assert self.doc_starts is not None
+            rng = np.random.default_rng([self.seed, step, micro_step])
+            every = rng.integers(0, len(self.doc_starts), size=self.batch_size * self.world_size)
+            mine = every[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            return self.doc_starts[mine]
         if self.mode == "random":
             # The whole (global) batch is drawn at once and each rank takes its slice, so N ranks
             # with batch B read exactly what 1 process with batch N*B reads: the same loss curve.
@@ -168,6 +215,12 @@ class TokenBatches:
         index = starts[:, None] + np.arange(self.context + 1)  # (B, T+1)
         windows = torch.from_numpy(self._data()[index].astype(np.int64))
         x, y = windows[:, :-1], windows[:, 1:]
+        if self.first_doc_only:
+            # Targets after the first eot that follows the window's first token belong to the
+            # next document, which the window holds only in part: not scored.
+            ends = (y == self.eot_id).int()
+            after = torch.cumsum(ends, dim=1) - ends > 0
+            y = y.masked_fill(after, IGNORE_INDEX)
         if self.device.type == "cuda":
             # Pinned host memory lets the copy overlap with compute.
             x = x.contiguous().pin_memory().to(self.device, non_blocking=True)

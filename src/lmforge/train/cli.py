@@ -192,7 +192,16 @@ def train_from_config(cfg: Config) -> int:
         grad_accum=t.grad_accum,
         **batches,
     )
-    val_batches = TokenBatches(data_dir / "val.bin", m.context, t.batch_size, t.seed + 1, **batches)
+    doc = cfg.data.mode == "doc"  # then validation scores whole documents, as the floor does
+    val_batches = TokenBatches(
+        data_dir / "val.bin",
+        m.context,
+        t.batch_size,
+        t.seed + 1,
+        mode="doc" if doc else "random",
+        first_doc_only=doc,
+        **batches,
+    )
     floor = meta.get("entropy_floor_nats_per_token")
     keys = ("vocab_size", "dtype", "train_tokens", "val_tokens", "entropy_floor_nats_per_token")
     state_extra = {

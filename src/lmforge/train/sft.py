@@ -236,7 +236,8 @@ def sft_from_config(cfg: Config) -> int:
                         "--sft.data=stories-qa:data/stories/qa_train.jsonl")
     check_data_tokenizer(s.data, identity)
     conversations = load_sources(s.data, s.weights or None, skip_bad=s.skip_bad, seed=t.seed,
-                                 allow_plain_text=s.allow_plain_text)
+                                 allow_plain_text=s.allow_plain_text,
+                                 questions_per_story=s.questions_per_story)
     model, extended = chat_ready_model(model, tokenizer.vocab_size)
     m: ModelConfig = model.cfg
     cfg.model = m  # the checkpoint's shape, not the YAML's: config.yaml records what ran

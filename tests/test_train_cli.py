@@ -282,3 +282,28 @@ def test_env_prints_versions():
     assert (
         result.returncode == 0 and "torch" in result.stdout and "flash attention" in result.stdout
     )
+
+
+def test_cpu_bf16_flag_is_read_from_cpuinfo(tmp_path, monkeypatch):
+    import builtins
+
+    from lmforge import device
+
+    real_open = builtins.open
+
+    def fake(flags: str):
+        cpuinfo = tmp_path / f"cpuinfo-{len(flags)}"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+
+        def opener(path, *args, **kw):
+            return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kw)
+
+        monkeypatch.setattr(builtins, "open", opener)
+
+    fake("fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni")
+    assert device.cpu_bf16_native() == "avx512_bf16"
+    fake("fpu sse2 avx2 amx_bf16 avx512_bf16")
+    assert device.cpu_bf16_native() == "amx_bf16"
+    fake("fpu sse2 avx2 avx512f")
+    assert device.cpu_bf16_native() is None
+    assert "fp32 is fastest" in device.pick("cpu").reason

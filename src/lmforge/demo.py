@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = ["--train.max_steps=40", "--train.eval_every=20"] if args.fast else []
 
     print("lmforge demo: built-in stories -> pretrain tiny -> SFT -> eval -> chat -> report")
+    precision = cpu_precision()
     run("env")
     for preset in ("tiny", "seed-59m", "trm-23m", "trm-51m", "gpt2-124m"):
         run("model-info", preset, "--batch", "8")
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--data.dir={data}",
         f"--run.dir={pre}",
         "--train.resume=none",
+        *precision,
         *quick,
     )
     before = evaluate(pre, data, "before SFT")
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--sft.data=stories-qa:{data / 'qa_train.jsonl'}",
         f"--run.dir={sft}",
         "--train.resume=none",
+        *precision,
         *(["--train.max_steps=20"] if args.fast else []),
     )
     after = evaluate(sft, data, "after SFT")
@@ -115,6 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reports: {pre / 'training_plots'}  and  {sft / 'training_plots'}")
     print(f"wall time: {wall / 60:.1f} min")
     return 0
+
+
+def cpu_precision() -> list[str]:
+    """bf16 autocast where the demo runs on a CPU with native bf16 matmuls (~1.3x faster)."""
+    import torch
+
+    from lmforge.device import cpu_bf16_native
+
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return []  # the GPU default (bf16 autocast) already applies
+    flag = cpu_bf16_native()
+    if flag is None:
+        return []
+    print(f"(this CPU has {flag}: training with --train.dtype=bf16, about 1.3x faster than fp32)")
+    return ["--train.dtype=bf16"]
 
 
 def best_val_loss(run_dir: Path) -> float | None:

@@ -47,6 +47,23 @@ def physical_cores() -> int:
     return max(1, min(len(cores), logical)) if cores else logical
 
 
+def cpu_bf16_native() -> str | None:
+    """The CPU flag that makes bf16 matmuls fast (avx512_bf16 or amx_bf16), if it has one.
+
+    fp32 stays the CPU default (exact, and the only fast path on most laptops); where this
+    returns a flag, ``--train.dtype=bf16`` trains about 1.3x faster (the demo turns it on).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+    except OSError:
+        pass
+    return None
+
+
 def pick(device: str = "auto", dtype: str = "auto") -> Precision:
     """cuda -> mps -> cpu; bf16 where supported, else fp16 + scaler; fp32 on CPU unless asked."""
     if device == "auto":
@@ -75,7 +92,10 @@ def pick(device: str = "auto", dtype: str = "auto") -> Precision:
             return Precision(dev, "fp16", True, f"{why}; no bf16 on this GPU: fp16 + grad scaler")
         if dev.type == "mps":
             return Precision(dev, "bf16", False, f"{why}; bf16 autocast on the Apple GPU")
-        return Precision(dev, "fp32", False, f"{why}; fp32 is fastest and exact on CPU")
+        flag = cpu_bf16_native()
+        hint = (f"fp32 is exact; this CPU has {flag}: --train.dtype=bf16 is faster" if flag
+                else "fp32 is fastest and exact on CPU")  # fmt: skip
+        return Precision(dev, "fp32", False, f"{why}; {hint}")
     if dtype not in DTYPES:
         raise UserError(f"train.dtype: unknown dtype '{dtype}' (auto, fp32, bf16, fp16)")
     if dtype == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -121,6 +141,8 @@ def environment() -> dict[str, str]:
         "flash attention": flash,
         "cuda": torch.version.cuda or "none",
         "mps": str(torch.backends.mps.is_available()),
+        "cpu bf16": (f"native ({cpu_bf16_native()}): --train.dtype=bf16 is faster on CPU"
+                     if cpu_bf16_native() else "not native (fp32 is fastest on CPU)"),  # fmt: skip
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -53,7 +53,17 @@ def test_eval_on_story_qa_writes_the_metrics(prepared, capsys):
     assert result["examples"] == 5 and len(result["predictions"]) == 5
     assert set(result["metrics"]) == {"exact_match", "f1", "accuracy"}
     assert all(0 <= v <= 100 for v in result["metrics"].values())
-    assert "exact_match" in capsys.readouterr().out
+    by_kind = result["per_question"]  # these test questions are not the generator's: "other"
+    assert set(by_kind) <= {"what color", "other"}
+    assert sum(v["examples"] for v in by_kind.values()) == 5
+    from lmforge import evaluate
+
+    right = sum(evaluate.story_accuracy(p["prediction"], p["references"][0])
+                for p in result["predictions"])  # fmt: skip
+    assert sum(v["accuracy"] * v["examples"] for v in by_kind.values()) == pytest.approx(
+        100 * right, abs=1e-6)
+    out = capsys.readouterr().out
+    assert "exact_match" in out and "accuracy by question" in out
 
 
 @pytest.mark.parametrize("content, says", [

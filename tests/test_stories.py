@@ -357,3 +357,16 @@ def test_describe() -> None:
     assert info["places"] >= 30 and info["actions"] >= 50
     assert info["sentence_shapes"] >= 12
     assert 0.10 <= float(info["nats_per_char"]) <= 0.25  # type: ignore[arg-type]
+
+
+def test_every_question_has_a_kind():
+    """`lmforge eval` reports accuracy per kind: each question the generator asks has one, and
+    every kind occurs."""
+    kinds = set()
+    for story in itertools.islice(S.generate_stories(seed=3, size_bytes=200_000), 600):
+        for question, _ in story.qa:
+            kind = S.question_kind(question)
+            assert kind != "other", question
+            kinds.add(kind)
+    assert kinds == {kind for kind, _ in S.QUESTION_KINDS}
+    assert S.question_kind("Who had the ball?") == "other"

@@ -200,6 +200,19 @@ def score(questions: list[Question], answers: list[str], metrics: list[str]) -> 
     return out
 
 
+def story_accuracy_by_kind(questions: list[Question], answers: list[str]) -> dict[str, Any]:
+    """Built-in story Q&A: accuracy per kind of question, which says what the model cannot do
+    yet (a lookup it has not learnt shows as one kind near chance while the others are high)."""
+    from lmforge.data.stories import question_kind
+
+    kinds: dict[str, list[float]] = {}
+    for q, a in zip(questions, answers):
+        if q.format == "stories-qa":
+            right = evaluate.story_accuracy(a, q.references[0])
+            kinds.setdefault(question_kind(q.question), []).append(right)
+    return {kind: {"examples": len(v), "accuracy": _mean(v)} for kind, v in sorted(kinds.items())}
+
+
 def _mean(values: list[float]) -> float:
     return 100.0 * sum(values) / len(values) if values else 0.0
 
@@ -222,6 +235,7 @@ def qa_eval(loaded: LoadedModel, args: argparse.Namespace, metrics: list[str]) -
         "kind": "qa", "checkpoint": loaded.path, "phase": loaded.phase, "data": args.data,
         "examples": len(questions), "max_new_tokens": args.max_new_tokens,
         "metrics": score(questions, answers, metrics), "per_format": per_format,
+        "per_question": story_accuracy_by_kind(questions, answers),
         "shown": args.show,
         "predictions": [{"question": q.question, "references": list(q.references),
                          "prediction": a, "format": q.format}
@@ -244,6 +258,10 @@ def print_table(result: dict[str, Any]) -> None:
     for name, value in rows:
         shown = f"{value:.4f}" if result["kind"] == "tokens" else f"{value:6.2f} %"
         print(f"{name.ljust(width)}  {shown}")
+    by_kind = result.get("per_question") or {}
+    if by_kind:
+        print("story Q&A accuracy by question: " + ", ".join(
+            f"{kind} {v['accuracy']:.0f}% ({v['examples']})" for kind, v in by_kind.items()))
     for p in result.get("predictions", [])[: result.get("shown", 0)]:
         print(f"  Q: {p['question'][:80]!r} gold {p['references'][0][:40]!r} -> "
               f"{p['prediction'][:60]!r}")

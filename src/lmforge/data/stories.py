@@ -55,6 +55,7 @@ import bisect
 import functools
 import math
 import random
+import re
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -413,6 +414,30 @@ def _story_program(shapes: list[str] | None = None) -> _Program:
     if thanks == "thanked":
         qa.append((f"Who did {hero} thank?", helper))
     return qa
+
+
+# The kinds of question `_story_program` asks, for accuracy by kind (`lmforge eval`).
+QUESTION_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(pattern))
+    for kind, pattern in (
+        ("who lost", r"Who lost the [\w ]+\?"),
+        ("what was lost", r"What did \w+ lose\?"),
+        ("who helped", r"Who helped \w+\?"),
+        ("where found", r"Where was the [\w ]+ found\?"),
+        ("what color", r"What color was the [\w ]+\?"),
+        ("weather", r"What was the weather like\?"),
+        ("what they did", r"What did they do at the end\?"),
+        ("where lost", r"Where was the [\w ]+ lost\?"),
+        ("where looked first", r"Where did they look first\?"),
+        ("who found", r"Who found the [\w ]+\?"),
+        ("who was thanked", r"Who did \w+ thank\?"),
+    )
+)
+
+
+def question_kind(question: str) -> str:
+    """The kind of a built-in story question ("what color", "who lost", ...), or "other"."""
+    return next((k for k, pattern in QUESTION_KINDS if pattern.fullmatch(question)), "other")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -131,6 +131,7 @@ def environment() -> dict[str, str]:
         compile_ok = "yes (torch.compile importable)"
     except Exception as e:  # an optional feature: report, do not fail
         compile_ok = f"no ({type(e).__name__})"
+    bf16_flag = cpu_bf16_native()
     info = {
         "torch": torch.__version__,
         "device": str(precision.device),
@@ -141,8 +142,8 @@ def environment() -> dict[str, str]:
         "flash attention": flash,
         "cuda": torch.version.cuda or "none",
         "mps": str(torch.backends.mps.is_available()),
-        "cpu bf16": (f"native ({cpu_bf16_native()}): --train.dtype=bf16 is faster on CPU"
-                     if cpu_bf16_native() else "not native (fp32 is fastest on CPU)"),  # fmt: skip
+        "cpu bf16": (f"native ({bf16_flag}): --train.dtype=bf16 is faster on CPU"
+                     if bf16_flag else "not native (fp32 is fastest on CPU)"),  # fmt: skip
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

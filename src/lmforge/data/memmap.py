@@ -107,7 +107,7 @@ class TokenBatches:
             self.path = Path(path_or_array)
             if not self.path.is_file():
                 raise UserError(f"token file {self.path} not found; run lmforge prepare first")
-            if dtype is None or (mode == "doc" and eot_id is None):
+            if dtype is None or ((mode == "doc" or first_doc_only) and eot_id is None):
                 meta_path = self.path.parent / "meta.json"
                 if not meta_path.is_file():
                     raise UserError(f"{meta_path} not found: cannot tell the dtype of {self.path}")
@@ -178,20 +178,15 @@ class TokenBatches:
 
     def offsets(self, step: int, micro_step: int = 0) -> np.ndarray:
         """Start offsets (tokens) of the batch's windows: a pure function of the arguments."""
-        if self.mode == "doc":
-            assert self.doc_starts is not None
-            rng = np.random.default_rng([self.seed, step, micro_step])
-            every = rng.integers(0, len(self.doc_starts), size=self.batch_size * self.world_size)
-            mine = every[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-            return self.doc_starts[mine]
-        if self.mode == "random":
+        if self.mode in ("random", "doc"):
             # The whole (global) batch is drawn at once and each rank takes its slice, so N ranks
             # with batch B read exactly what 1 process with batch N*B reads: the same loss curve.
+            starts = self.doc_starts
+            high = self.num_tokens - self.context if starts is None else len(starts)
             rng = np.random.default_rng([self.seed, step, micro_step])
-            every = rng.integers(
-                0, self.num_tokens - self.context, size=self.batch_size * self.world_size
-            )
-            return every[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            every = rng.integers(0, high, size=self.batch_size * self.world_size)
+            mine = every[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            return mine if starts is None else starts[mine]
         first = (step * self.grad_accum + micro_step) * self.world_size + self.rank
         samples = first * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
         epochs, within = np.divmod(samples, self.windows_per_epoch)

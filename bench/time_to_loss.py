@@ -5,7 +5,10 @@ Every speed change is judged by this, not only by tokens/s. Each optimizer train
 (configs/tiny-cpu.yaml) with frequent evaluations; the time is the trainer's own training time
 (evaluation excluded) at the first evaluation at or under each threshold.
 
-    python bench/time_to_loss.py [--steps 1200] [--eval-every 50] [--out bench/runs]
+    python bench/time_to_loss.py [--steps N] [--eval-every 100] [--out bench/runs]
+
+``--steps`` defaults to the config's own ``train.max_steps`` and the precision is the demo's (bf16
+on a CPU with native bf16 matmuls), so the bench trains what ``make demo`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from common import dump, report
 
 from lmforge.cli import main as lmforge
+from lmforge.demo import cpu_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 MARGINS = (0.5, 0.3, 0.15)
@@ -29,8 +33,8 @@ def read_rows(run: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=None, help="default: the config's max_steps")
+    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--size-mb", type=float, default=4.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "runs"))
     parser.add_argument("--optimizers", default="adamw,muon")
@@ -53,6 +57,7 @@ def main() -> None:
             == 0
         )
     floor = json.loads((data / "meta.json").read_text())["entropy_floor_nats_per_token"]
+    precision = cpu_precision()  # [] or ["--train.dtype=bf16"], as make demo
     results = {}
     for name in args.optimizers.split(","):
         run = out / f"tiny-{name}"
@@ -65,7 +70,8 @@ def main() -> None:
                 f"--run.dir={run}",
                 f"--optim.name={name}",
                 "--train.resume=none",
-                f"--train.max_steps={args.steps}",
+                *([f"--train.max_steps={args.steps}"] if args.steps else []),
+                *precision,
                 f"--train.eval_every={args.eval_every}",
                 "--train.eval_batches=10",
                 "--train.sample_every=0",
@@ -85,6 +91,7 @@ def main() -> None:
         results[name] = {
             "reached": reached,
             "best_val_loss": min(v for _, _, v in evals),
+            "steps": rows[-1]["step"],
             "training_seconds": rows[-1]["elapsed_s"],
             "wall_seconds": round(time.time() - start, 1),
             "tokens_per_s": round(rows[-1]["tokens_seen"] / rows[-1]["elapsed_s"]),
@@ -95,10 +102,11 @@ def main() -> None:
     result = {
         "config": {
             "model": "configs/tiny-cpu.yaml",
-            "steps": args.steps,
+            "steps": max(r["steps"] for r in results.values()),
             "eval_every": args.eval_every,
             "corpus_mb": args.size_mb,
             "entropy_floor": floor,
+            "precision": precision[0].split("=")[1] if precision else "default",
         },
         "results": results,
     }

@@ -102,11 +102,10 @@ def main() -> None:
     result = {
         "config": {
             "model": "configs/tiny-cpu.yaml",
-            "steps": max(r["steps"] for r in results.values()),
             "eval_every": args.eval_every,
             "corpus_mb": args.size_mb,
             "entropy_floor": floor,
-            "precision": precision[0].split("=")[1] if precision else "default",
+            "precision": "bf16" if precision else "default",
         },
         "results": results,
     }

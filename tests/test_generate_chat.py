@@ -8,7 +8,7 @@ import pytest
 from test_sft import lmforge, lmforge_subprocess, make_tiny_run, one_error_line
 
 from lmforge.data.instruct import Turn, render_prompt
-from lmforge.generate import StreamPrinter, fit_history
+from lmforge.generate import StreamPrinter, fit_history, prompt_budget
 from lmforge.tokenizers import ByteTokenizer
 
 
@@ -74,3 +74,14 @@ def test_chat_history_drops_the_oldest_turns():
     assert ids == render_prompt(kept, tok)
     kept, ids = fit_history([Turn("user", "q" * 100)], tok, budget=30)
     assert len(ids) == 30  # one long question: its end is kept
+
+
+def test_chat_keeps_the_story_with_the_default_max_new_tokens():
+    """A 256-token model asked about a 200-character story, with --max-new-tokens 200 (the
+    default): the prompt keeps the whole story, not the last 56 tokens of it."""
+    tok = ByteTokenizer()
+    story = "One windy day, Ben lost his red candle. " * 5  # 200 characters
+    budget = prompt_budget(256, 200)
+    kept, ids = fit_history([Turn("user", story + "\nWho lost the candle?")], tok, budget)
+    assert ids == render_prompt(kept, tok)  # nothing cut
+    assert budget == 224 and prompt_budget(256, 10) == 246 and prompt_budget(2048, 200) == 1848

@@ -173,6 +173,16 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """Tokens of history a chat prompt may use: all the context but room for a short answer.
+
+    Reserving the whole ``--max-new-tokens`` (200 by default) would leave a 256-token model 56
+    tokens of history, cutting off the story a question is about. An answer that outgrows the
+    room left slides the window (``Transformer.generate``), as it would in any case.
+    """
+    return max(1, context - min(max_new_tokens, max(1, context // 8)))
+
+
 def fit_history(history: Conversation, tokenizer: Any,
                 budget: int) -> tuple[Conversation, list[int]]:
     """Drop the oldest turns until the prompt fits `budget` tokens; the last user turn stays
@@ -200,7 +210,7 @@ class ChatSession:
 
     def answer(self, text: str) -> str:
         a, tok = self.args, self.loaded.tokenizer
-        budget = max(1, self.loaded.context - a.max_new_tokens)
+        budget = prompt_budget(self.loaded.context, a.max_new_tokens)
         self.history, prompt = fit_history([*self.history, Turn("user", text)], tok, budget)
         # Piped output: one answer line per user line, so newlines inside an answer are spaces.
         transform = (lambda s: s.replace("\n", " ")) if self.one_line else str

@@ -317,6 +317,12 @@ def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path, bpe, capsys):
         load_hf_folder(bert)
     assert "\n" not in str(info.value)
 
+    canon_run = make_run(tmp_path / "canon_run", tiny_model(bpe, canon=4), bpe)
+    for fmt in ("hf", "gguf"):
+        status, err = lmforge_export(canon_run, "--format", fmt, "--out", tmp_path / "out_c")
+        assert status == 2 and "model.canon=0" in one_line(err)
+        assert not (tmp_path / "out_c").exists()
+
     no_weights = tmp_path / "no_weights"
     export_hf(tiny_model(bpe), bpe, no_weights)
     (no_weights / "model.safetensors").unlink()

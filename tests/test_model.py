@@ -184,10 +184,13 @@ def test_model_loss_matches_logits_cross_entropy():
     assert torch.allclose(model(idx, targets), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("block", ["llama", "gpt2"])
-def test_cached_and_uncached_greedy_decoding_agree(block):
+@pytest.mark.parametrize("block, canon", [("llama", 0), ("gpt2", 0), ("llama", 4), ("gpt2", 3)])
+def test_cached_and_uncached_greedy_decoding_agree(block, canon):
     torch.manual_seed(0)
-    model = Transformer(tiny_cfg(block=block, context=48))
+    model = Transformer(tiny_cfg(block=block, context=48, canon=canon))
+    if canon:  # canon layers start near 0: make them matter, so a wrong cache would show
+        for block_ in model.blocks:
+            torch.nn.init.normal_(block_.canon.weight, std=0.5)
     prompts = [[5, 6, 7], [1, 2, 3, 4, 9, 10]]  # different lengths: left padding inside
     cached = model.generate(prompts, 30, temperature=0, use_cache=True)
     uncached = model.generate(prompts, 30, temperature=0, use_cache=False)
@@ -216,9 +219,13 @@ def test_generate_options_seed_stop_and_stream():
     assert len(set(penalised)) > len(set(model.generate([1, 2, 3], 20, temperature=0))) - 1
 
 
-def test_padded_doc_ids_isolate_examples():
+@pytest.mark.parametrize("canon", [0, 4])
+def test_padded_doc_ids_isolate_examples(canon):
     torch.manual_seed(0)
-    model = Transformer(tiny_cfg()).eval()
+    model = Transformer(tiny_cfg(canon=canon)).eval()
+    if canon:
+        for block in model.blocks:
+            torch.nn.init.normal_(block.canon.weight, std=0.5)
     a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
     packed = torch.cat([a, b], dim=1)
     positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
@@ -252,3 +259,26 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     (loss_a, grads_a), (loss_b, grads_b) = grads
     assert loss_a == pytest.approx(loss_b, abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
+
+
+def test_canon_layer_mixes_the_tokens_before_and_only_those():
+    """A canon layer of width 3: position t's attention input depends on t-2..t, not on t-3 or
+    later positions; with zero weights the model is the plain one."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(canon=3, n_layers=1)
+    model = Transformer(cfg).eval()
+    canon = model.blocks[0].canon
+    assert canon.weight.shape == (3, cfg.dim)
+    h = torch.randn(1, 8, cfg.dim, requires_grad=True)
+    out = canon(h, (None, None), None, 0)
+    out[0, 5].sum().backward()
+    touched = (h.grad[0].abs().sum(dim=1) > 0).nonzero().squeeze(1).tolist()
+    assert touched == [3, 4, 5]
+    plain = Transformer(tiny_cfg(n_layers=1)).eval()
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if ".canon." not in k}, strict=True
+    )
+    torch.nn.init.zeros_(canon.weight)
+    idx = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), plain(idx))

@@ -58,6 +58,12 @@ class ModelConfig:
     pad_vocab_multiple: int = opt(64, "pad the vocabulary to a multiple of this (<=1: no padding)")
     tie_embeddings: bool = opt(True, "share the token embedding with the LM head")
     qk_norm: bool = opt(False, "RMS-normalise queries and keys per head (llama block)")
+    canon: int = opt(
+        0,
+        "width of a causal depthwise convolution on each block's attention input, a 'canon "
+        "layer' that can help a small model look words up in its context (0 = off; not "
+        "exportable to Hugging Face or GGUF)",
+    )
     dropout: float = opt(0.0, "dropout on attention and residual paths")
     rope_theta: float = opt(10000.0, "RoPE base frequency (llama block)")
     norm_eps: float = opt(1e-5, "epsilon of RMSNorm / LayerNorm")
@@ -463,6 +469,7 @@ def validate(cfg: Config) -> None:
         f"lower it or raise model.max_context",
     )
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1) (got {m.dropout})")
+    need(0 <= m.canon <= 16, f"model.canon must be 0 (off) to 16 (got {m.canon})")
     need(t.batch_size > 0, f"train.batch_size must be positive (got {t.batch_size})")
     need(t.grad_accum > 0, f"train.grad_accum must be positive (got {t.grad_accum})")
     need(

@@ -135,6 +135,11 @@ def hf_state_dict(
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
+    if cfg.canon:
+        raise UserError(
+            f"this model has canon layers (model.canon={cfg.canon}), which Llama/GPT-2 formats "
+            "have no place for; export works for models trained with model.canon=0"
+        )
     if cfg.qk_norm:
         raise UserError(
             "this model uses QK-norm, which Llama/GPT-2 formats have no place for; "
@@ -428,6 +433,7 @@ def init_from_hf(model: Transformer, path: str | Path) -> Path:
     checks.append(("tie_embeddings", hf_cfg.tie_embeddings, cfg.tie_embeddings))
     checks.append(("norm_eps", hf_cfg.norm_eps, cfg.norm_eps))
     checks.append(("qk_norm", hf_cfg.qk_norm, cfg.qk_norm))  # HF Llama/GPT-2 have no QK-norm
+    checks.append(("canon", hf_cfg.canon, cfg.canon))  # nor canon layers
     for key, theirs, ours in checks:
         if theirs != ours:
             raise UserError(

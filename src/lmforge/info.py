@@ -23,6 +23,8 @@ def build_on_meta(cfg: ModelConfig) -> Transformer:
 def parameter_parts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters by part: embedding, positions, attention, ffn, norms, untied head."""
     parts = {"embedding": 0, "positions": 0, "attention": 0, "ffn": 0, "norms": 0, "lm_head": 0}
+    if cfg.canon:
+        parts["canon"] = 0
     model = build_on_meta(cfg)
     for name, p in model.named_parameters():  # a tied head is the embedding: counted once
         if name.startswith("wte."):
@@ -33,6 +35,8 @@ def parameter_parts(cfg: ModelConfig) -> dict[str, int]:
             parts["lm_head"] += p.numel()
         elif ".attn." in name and "norm" not in name:
             parts["attention"] += p.numel()
+        elif ".canon." in name:
+            parts["canon"] += p.numel()
         elif ".ffn." in name:
             parts["ffn"] += p.numel()
         else:
@@ -123,7 +127,8 @@ def model_info_text(name: str, cfg: ModelConfig, batch: int, context: int, dtype
     kv = f", {cfg.kv_heads} kv heads" if cfg.kv_heads != cfg.n_heads else ""
     lines = [
         f"model {name}: {cfg.block} block, {cfg.n_layers} layers x {cfg.dim} dim, {cfg.n_heads} "
-        f"heads{kv}, ffn {cfg.hidden}, context {cfg.context}, "
+        f"heads{kv}, ffn {cfg.hidden}{f', canon {cfg.canon}' if cfg.canon else ''}, "
+        f"context {cfg.context}, "
         f"{'tied' if cfg.tie_embeddings else 'untied'} head",
         f"vocab {cfg.vocab_size:,} (padded to {cfg.padded_vocab:,})",
         f"parameters: {real:,} (with padded vocab: {padded:,})",

@@ -54,6 +54,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.length = 0  # positions already stored (same for every layer after a full forward)
+        self.canon: list[torch.Tensor | None] = [None] * n_layers  # last inputs of canon layers
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         # k, v (B, K, T, D) -> all keys/values so far (B, K, length + T, D)
@@ -119,6 +120,65 @@ class Attention(nn.Module):
         return self.wo(y) if self.block == "llama" else self.c_proj(y)
 
 
+class Canon(nn.Module):
+    """A causal depthwise convolution over time, added to its input: ``h[t] + sum_j w[j] h[t-j]``.
+
+    A "canon layer" (Allen-Zhu, *Physics of Language Models, part 4.1*), here on each block's
+    attention input.  Every position then carries the few tokens before it, so a single attention
+    layer can match a key by its preceding characters: what a small char-level model needs to find
+    a word of its context and copy it.  Mixing stops where attention does (at padding, and at the
+    boundaries of packed examples); with a KV cache the last ``width - 1`` inputs are kept.
+    """
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(width, dim))  # weight[j] scales h[t - j]
+
+    def forward(
+        self, h: torch.Tensor, walls: CanonWalls, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        B, T, C = h.shape
+        keep_now, same_doc = walls
+        src = h if keep_now is None else h * keep_now.to(h.dtype)  # padding contributes nothing
+        past = cache.canon[layer] if cache is not None else None
+        if past is None:
+            past = src.new_zeros(B, self.width - 1, C)  # before the first token: nothing
+        ext = torch.cat([past, src], dim=1)  # (B, width - 1 + T, C)
+        if cache is not None:
+            cache.canon[layer] = ext[:, ext.shape[1] - (self.width - 1) :]
+        weight = self.weight.to(h.dtype)  # h's dtype: a bf16 model stays in bf16
+        out = h
+        for j in range(self.width):
+            term = ext[:, self.width - 1 - j : self.width - 1 - j + T] * weight[j]
+            if same_doc is not None and j > 0:
+                term = term * same_doc[j - 1].to(h.dtype)  # h[t-j] of another example: no
+            out = out + term
+        return out
+
+
+# (multiplier of each position's own input: 0 at padding, or None) and (per shift j >= 1, a
+# (B, T, 1) multiplier: 0 where t - j lies in another packed example, or None): see canon_walls.
+CanonWalls = tuple[torch.Tensor | None, list[torch.Tensor] | None]
+
+
+def canon_walls(
+    width: int, past: int, T: int, doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None
+) -> CanonWalls:
+    """Where canon layers must not mix positions: the same walls ``attention_mask`` builds."""
+    keep_now = None
+    if key_valid is not None:
+        keep_now = key_valid[:, past : past + T, None].float()
+    same_doc = None
+    if doc_ids is not None and width > 1:
+        padded = F.pad(doc_ids, (width - 1, 0), value=-1)
+        same_doc = [
+            (padded[:, width - 1 - j : width - 1 - j + T] == doc_ids)[..., None].float()
+            for j in range(1, width)
+        ]
+    return keep_now, same_doc
+
+
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -153,10 +213,17 @@ class Block(nn.Module):
             self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
             self.ffn = GeluMLP(cfg)
         self.attn = Attention(cfg, layer)
+        self.canon = Canon(cfg.dim, cfg.canon) if cfg.canon else None
+        self.layer = layer
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), rope, mask, cache))
+    def forward(
+        self, x, rope, mask, cache: KVCache | None = None, walls: CanonWalls = (None, None)
+    ) -> torch.Tensor:
+        h = self.norm1(x)
+        if self.canon is not None:
+            h = self.canon(h, walls, cache, self.layer)
+        x = x + self.dropout(self.attn(h, rope, mask, cache))
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
@@ -243,11 +310,12 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None])
         x = self.drop(x)
         mask = attention_mask(T, past, idx.device, doc_ids, key_valid)
+        walls = canon_walls(self.cfg.canon, past, T, doc_ids, key_valid)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, None, walls, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache)
+                x = block(x, rope, mask, cache, walls)
         if cache is not None:
             cache.length += T
         x = self.norm_f(x)

@@ -243,7 +243,9 @@ def train_from_config(cfg: Config) -> int:
         f"lmforge {__version__} | {precision.describe()} | threads {threads}"
         + (f" | {d.strategy} on {d.world_size} processes" if d.enabled else ""),
         f"model {m.preset}: {count_parameters(m):,} parameters ({m.block}, "
-        f"{m.n_layers}x{m.dim}, {m.n_heads} heads, context {m.context}, vocab "
+        f"{m.n_layers}x{m.dim}, {m.n_heads} heads"
+        + (f", canon {m.canon}" if m.canon else "")
+        + f", context {m.context}, vocab "
         f"{m.vocab_size} padded to {m.padded_vocab})",
         f"data {data_dir}: {meta.get('train_tokens', 0):,} train / "
         f"{meta.get('val_tokens', 0):,} val tokens, tokenizer "

@@ -173,8 +173,10 @@ def default_optimizer(
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device is not None and device.type == "cuda"
     if name == "muon":
-        embeddings = {
-            id(p) for n, p in model.named_parameters() if n.startswith(("wte.", "wpe.", "lm_head."))
+        embeddings = {  # and canon layer weights: 2-D, but a filter per channel, not a matrix
+            id(p)
+            for n, p in model.named_parameters()
+            if n.startswith(("wte.", "wpe.", "lm_head.")) or ".canon." in n
         }
         hidden = [p for p in params if p.dim() == 2 and id(p) not in embeddings]
         rest = [p for p in params if p.dim() != 2 or id(p) in embeddings]

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=4.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "runs"))
     parser.add_argument("--optimizers", default="adamw,muon")
+    parser.add_argument("--quiz", type=int, default=2, help="quiz lines per story, as make demo")
     args = parser.parse_args()
     out = Path(args.out)
     data = out / "stories"
@@ -50,6 +51,8 @@ def main() -> None:
                     "stories",
                     "--size-mb",
                     str(args.size_mb),
+                    "--quiz",
+                    str(args.quiz),
                     "--out",
                     str(data),
                 ]
@@ -104,6 +107,7 @@ def main() -> None:
             "model": "configs/tiny-cpu.yaml",
             "eval_every": args.eval_every,
             "corpus_mb": args.size_mb,
+            "quiz": args.quiz,
             "entropy_floor": floor,
             "precision": "bf16" if precision else "default",
         },

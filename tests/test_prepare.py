@@ -243,7 +243,8 @@ def test_errors_replace_and_overwrite(tmp_path: Path) -> None:
     assert meta["documents"] == 8 and json.loads((out / "meta.json").read_text())["documents"] == 8
 
 
-def test_builtin_stories(tmp_path: Path) -> None:
+@pytest.mark.parametrize("quiz", [0, 2])
+def test_builtin_stories(tmp_path: Path, quiz: int) -> None:
     stories = pytest.importorskip("lmforge.data.stories")
     out = tmp_path / "stories"
     meta = prepare(
@@ -255,11 +256,13 @@ def test_builtin_stories(tmp_path: Path) -> None:
         seed=5,
         val_fraction=0.05,
         context=32,
+        quiz=quiz,
     )
-    generated = list(stories.generate_stories(5, 50_000))
-    documents = [s.text for s in generated]
+    generated = list(stories.generate_stories(5, 50_000, quiz))
+    documents = [s.document for s in generated]
+    assert all(d.count("\n") == quiz for d in documents)
     check_against_direct_encode(out, documents, seed=5, fraction=0.05)
-    assert meta["builtin"] == {"name": "stories", "seed": 5, "size_mb": 0.05}
+    assert meta["builtin"] == {"name": "stories", "seed": 5, "size_mb": 0.05, "quiz": quiz}
     qa_val = [json.loads(line) for line in (out / "qa_val.jsonl").open()]
     qa_train = [json.loads(line) for line in (out / "qa_train.jsonl").open()]
     val_indices = {r["story_index"] for r in qa_val}
@@ -268,10 +271,11 @@ def test_builtin_stories(tmp_path: Path) -> None:
     val_stories = [i for i in range(len(generated)) if is_val_document(5, i, 0.05)]
     if meta["val_documents"] == len(val_stories):  # no documents had to be moved
         assert val_indices == {i for i in val_stories if generated[i].qa}
-        floor = -sum(generated[i].logprob for i in val_stories) / meta["val_tokens"]
+        floor = -sum(generated[i].document_logprob for i in val_stories) / meta["val_tokens"]
         assert meta["entropy_floor_nats_per_token"] == pytest.approx(floor)
-    for record in qa_val:
+    for record in qa_val:  # the story alone: its quiz would give the answers away
         assert record["story"] == generated[record["story_index"]].text
+        assert "\n" not in record["story"]
     assert 0 < meta["entropy_floor_train_nats_per_token"]
     assert 0 < meta["entropy_floor_nats_per_token"]
 
@@ -341,6 +345,8 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "bpe too small": ([good, "--tokenizer", "bpe:100"], "bpe:100 is too small"),
         "jsonl not JSON": ([str(tmp / "notjson.jsonl")], "notjson.jsonl:2: not valid JSON"),
         "jsonl no field": ([str(tmp / "nofield.jsonl")], 'nofield.jsonl:2: no "text" field'),
+        "quiz without builtin": ([good, "--quiz", "2"], "--quiz must be 0 or more, with --builtin"),
+        "negative quiz": (["--builtin", "stories", "--quiz", "-1"], "--quiz must be 0 or more"),
     }
 
 
@@ -353,6 +359,8 @@ BAD_CASES = [
     "bpe too small",
     "jsonl not JSON",
     "jsonl no field",
+    "quiz without builtin",
+    "negative quiz",
 ]
 
 

@@ -370,3 +370,57 @@ def test_every_question_has_a_kind():
             kinds.add(kind)
     assert kinds == {kind for kind, _ in S.QUESTION_KINDS}
     assert S.question_kind("Who had the ball?") == "other"
+
+
+# --------------------------------------------------------------------------------------------------
+# The reading quiz (prepare --quiz N): exact log-probabilities, parse back, same stories
+# --------------------------------------------------------------------------------------------------
+
+
+def test_quiz_keeps_the_stories_and_asks_distinct_questions_with_their_answers() -> None:
+    plain = list(itertools.islice(S.generate_stories(11, 1 << 40), 400))
+    quizzed = list(itertools.islice(S.generate_stories(11, 1 << 40, quiz=2), 400))
+    assert [s.text for s in quizzed] == [s.text for s in plain]  # the quiz has its own generator
+    assert all(s.quiz == "" and s.quiz_logprob == 0.0 for s in plain)
+    asked = set()
+    for story in quizzed:
+        lines = story.quiz.split("\n")
+        assert lines[0] == "" and len(lines) == 3  # "\nQ A\nQ A"
+        questions = [line.partition("? ")[0] + "?" for line in lines[1:]]
+        assert len(set(questions)) == 2
+        for line, question in zip(lines[1:], questions):
+            assert line == f"{question} {dict(story.qa)[question]}"
+        assert story.quiz_logprob == pytest.approx(-math.log(len(story.qa) * (len(story.qa) - 1)))
+        assert story.document == story.text + story.quiz
+        asked.update(S.question_kind(q) for q in questions)
+    assert asked == {kind for kind, _ in S.QUESTION_KINDS}  # every kind of question is quizzed
+
+
+def test_quiz_probabilities_sum_to_one() -> None:
+    """Enumerating every quiz of a story: the probabilities of the texts sum to 1, so the quiz's
+    share of the entropy floor is exact."""
+    story = take(2, 1)[0]
+    total = 0.0
+    for order in itertools.permutations(range(len(story.qa)), 2):
+        text = story.text + "".join(f"\n{story.qa[i][0]} {story.qa[i][1]}" for i in order)
+        parsed = S.parse_document(text)
+        assert parsed.choices == story.choices
+        total += math.exp(parsed.document_logprob - story.logprob)
+    assert total == pytest.approx(1.0)
+
+
+def test_parse_document_round_trip_and_refusals() -> None:
+    for story in itertools.islice(S.generate_stories(4, 1 << 40, quiz=3), 300):
+        parsed = S.parse_document(story.document)
+        assert (parsed.text, parsed.quiz, parsed.choices) == (story.text, story.quiz, story.choices)
+        assert parsed.document_logprob == pytest.approx(story.document_logprob)
+    story = take(4, 1)[0]
+    (q1, a1), (q2, _) = story.qa[0], story.qa[1]
+    for bad in (
+        f"{story.text}\n{q1} {a1}x",  # wrong answer
+        f"{story.text}\n{q1} {a1}\n{q1} {a1}",  # asked twice
+        f"{story.text}\nWho ate the cake? Tom",  # not a question about this story
+        f"{story.text}\n{q2}",  # no answer
+    ):
+        with pytest.raises(ValueError):
+            S.parse_document(bad)

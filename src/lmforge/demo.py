@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmforge.demo", description=__doc__)
     parser.add_argument("--out", default="demo_out", help="folder for data, runs and report")
     parser.add_argument("--size-mb", type=float, default=4.0, help="built-in corpus size")
+    parser.add_argument(
+        "--quiz", type=int, default=2, help="quiz lines after each story (prepare --quiz)"
+    )
     parser.add_argument("--fast", action="store_true", help="a 1-minute smoke version")
     args = parser.parse_args(argv)
     start = time.time()
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             str(args.size_mb),
             "--seed",
             "0",
+            "--quiz",
+            str(args.quiz),
             "--out",
             str(data),
         )

@@ -367,13 +367,13 @@ def _read_hf(name: str, split: str, field_name: str) -> Iterator[Piece]:
             yield Piece(text, True)
 
 
-def _read_builtin(name: str, seed: int, size_bytes: int) -> Iterator[Piece]:
+def _read_builtin(name: str, seed: int, size_bytes: int, quiz: int) -> Iterator[Piece]:
     if name != "stories":
         raise UserError(f"unknown built-in corpus {name!r}; the built-in corpus is: stories")
     from lmforge.data.stories import generate_stories
 
-    for story in generate_stories(seed, size_bytes):
-        yield Piece(story.text, True, story)
+    for story in generate_stories(seed, size_bytes, quiz):
+        yield Piece(story.document, True, story)
 
 
 # ------------------------------------------------------------------------------- encoding pool
@@ -501,15 +501,16 @@ def prepare(
     doc_separator: str | None = None,
     builtin: str | None = None,
     size_mb: float = 4.0,
+    quiz: int = 0,
     hf_dataset: str | None = None,
     hf_split: str = "train",
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Tokenize text into ``out_dir`` (train.bin, val.bin, meta.json, tokenizer files).
 
-    Exactly one source: ``inputs`` (files, folders, globs), ``builtin`` ("stories") or
-    ``hf_dataset``. Returns the summary (meta.json's content plus ``out_dir``). Raises UserError,
-    with nothing written, for bad input.
+    Exactly one source: ``inputs`` (files, folders, globs), ``builtin`` ("stories", with ``quiz``
+    questions after each story) or ``hf_dataset``. Returns the summary (meta.json's content plus
+    ``out_dir``). Raises UserError, with nothing written, for bad input.
     """
     # -- checks that need no reading
     sources_given = sum(bool(x) for x in (inputs, builtin, hf_dataset))
@@ -525,6 +526,8 @@ def prepare(
         raise UserError(f"--context must be at least 1, got {context}")
     if builtin is not None and size_mb <= 0:
         raise UserError(f"--size-mb must be positive, got {size_mb}")
+    if quiz < 0 or (quiz and builtin is None):
+        raise UserError(f"--quiz must be 0 or more, with --builtin stories (got {quiz})")
     check_tokenizer_name(tokenizer)
     sources = resolve_inputs(inputs) if inputs else []
     out = Path(out_dir).expanduser().resolve()
@@ -539,7 +542,7 @@ def prepare(
 
     def pieces(on_bytes: Callable[[int], None]) -> Iterator[Piece]:
         if builtin is not None:
-            for piece in _read_builtin(builtin, seed, size_bytes):
+            for piece in _read_builtin(builtin, seed, size_bytes, quiz):
                 on_bytes(len(piece.text.encode("utf-8")))
                 yield piece
         elif hf_dataset is not None:
@@ -588,7 +591,7 @@ def prepare(
         meta = _meta(tok, dtype, stats, sources, seed, val_fraction, context, field, doc_per_file)
         meta["elapsed_seconds"] = round(time.time() - started, 3)
         if builtin is not None:
-            meta["builtin"] = {"name": builtin, "seed": seed, "size_mb": size_mb}
+            meta["builtin"] = {"name": builtin, "seed": seed, "size_mb": size_mb, "quiz": quiz}
             meta["entropy_floor_nats_per_token"] = stats.val_neg_logprob / stats.val_tokens
             meta["entropy_floor_train_nats_per_token"] = (
                 stats.train_neg_logprob / stats.train_tokens
@@ -708,7 +711,7 @@ def _open_if(enabled: bool, path: Path) -> Any:
 def _count_document(
     stats: _Stats, doc_index: int, val: bool, tokens: int, story: Any, context: int
 ) -> None:
-    neg_logprob = -story.logprob if story is not None else 0.0
+    neg_logprob = -story.document_logprob if story is not None else 0.0
     stats.documents += 1
     if val:
         stats.val_documents += 1
@@ -843,7 +846,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The plain summary printed after a run."""
     files = len(summary.get("sources", []))
     if summary.get("builtin"):
-        origin = f"built-in {summary['builtin']['name']} (seed {summary['builtin']['seed']})"
+        builtin = summary["builtin"]
+        quiz = f", quiz {builtin['quiz']}" if builtin.get("quiz") else ""
+        origin = f"built-in {builtin['name']} (seed {builtin['seed']}{quiz})"
     elif summary.get("hf_dataset"):
         origin = f"Hugging Face dataset {summary['hf_dataset']['name']}"
     else:
@@ -949,6 +954,15 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         help="--builtin: megabytes of text to generate (default: %(default)s)",
     )
     parser.add_argument(
+        "--quiz",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--builtin stories: follow each story with N lines 'question answer' about it, a "
+        "reading quiz that teaches pretraining to look facts up in the story (the demo uses 2; "
+        "the floor counts the choice of questions; default: %(default)s)",
+    )
+    parser.add_argument(
         "--hf-dataset",
         default=None,
         metavar="NAME",
@@ -979,6 +993,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         doc_separator=args.doc_separator,
         builtin=args.builtin,
         size_mb=args.size_mb,
+        quiz=args.quiz,
         hf_dataset=args.hf_dataset,
         hf_split=args.hf_split,
     )

@@ -41,6 +41,11 @@ determined by the text) and divided by its token count, ``-logprob`` is therefor
 model can reach: the entropy floor that ``meta.json`` records.  Windows that start in the middle of
 a story cannot see its beginning, so real models sit a little above it; none can go below.
 
+The reading quiz (``prepare --builtin stories --quiz N``, the demo uses 2) writes N lines
+"question answer" after each story, drawn from the story's own Q&A pairs; its choice of questions
+is counted in the floor the same way (``add_quiz``, ``parse_document``).  The Q&A files written
+for the instruction phase hold the story alone.
+
 Design for a tiny character-level model (context 256): every story has 109 to 204 characters
 (about 164 on average; the bounds are checked exhaustively by the tests), so a prompt "story +
 question + answer" fits in 256 characters.  The vocabulary is the inventories below and a few
@@ -71,8 +76,10 @@ __all__ = [
     "SENTENCE_SHAPES",
     "WEATHERS",
     "Story",
+    "add_quiz",
     "describe",
     "generate_stories",
+    "parse_document",
     "parse_story",
     "render_story",
     "story_logprob",
@@ -451,6 +458,18 @@ class Story:
     logprob: float  # natural-log probability of ALL the generator's random choices (<= 0)
     qa: list[tuple[str, str]] = field(default_factory=list)  # answers follow from the text
     choices: list[tuple[str, str]] = field(default_factory=list)  # (slot, value), generation order
+    quiz: str = ""  # the reading quiz written after the story ("" without one), see `add_quiz`
+    quiz_logprob: float = 0.0  # natural-log probability of the quiz's choice of questions
+
+    @property
+    def document(self) -> str:
+        """What the corpus holds: the story, then its quiz lines (if any)."""
+        return self.text + self.quiz
+
+    @property
+    def document_logprob(self) -> float:
+        """Natural-log probability of ``document``: the story's choices and the quiz's."""
+        return self.logprob + self.quiz_logprob
 
 
 def _sample(rng: random.Random) -> Story:
@@ -511,18 +530,78 @@ def _replay(
     return "".join(parts), logprob, qa
 
 
-def generate_stories(seed: int, size_bytes: int) -> Iterator[Story]:
+def generate_stories(seed: int, size_bytes: int, quiz: int = 0) -> Iterator[Story]:
     """Stories drawn from ``random.Random(seed)`` until at least ``size_bytes`` of text is produced.
 
-    Deterministic: the same seed gives byte-identical stories on every platform (``random.Random``
-    with an integer seed is specified to be reproducible across Python versions).
+    ``quiz`` > 0 follows each story with a reading quiz of that many questions (``add_quiz``),
+    drawn from a second generator so the stories themselves are the same with or without it; the
+    size then counts the quiz text too.  Deterministic: the same seed gives byte-identical stories
+    on every platform (``random.Random`` with an integer or str seed is specified to be
+    reproducible across Python versions).
     """
     rng = random.Random(seed)
+    quiz_rng = random.Random(f"lmforge-quiz-{seed}")
     produced = 0
     while produced < size_bytes:
         story = _sample(rng)
-        produced += len(story.text)  # ASCII only: characters == bytes
+        if quiz > 0:
+            add_quiz(story, quiz, quiz_rng)
+        produced += len(story.document)  # ASCII only: characters == bytes
         yield story
+
+
+# --------------------------------------------------------------------------------------------------
+# The reading quiz: a story followed by questions about it and their answers, in plain text.
+#
+#     One windy day, Ben lost his red candle. He called Tom. ... They had a picnic in the wind.
+#     Who helped Ben? Tom
+#     Where was the candle found? on the swings
+#
+# Each line is "\n" + question + " " + answer, with the questions and answers of ``Story.qa``
+# (the ones the instruction phase asks).  The questions are distinct, each drawn uniformly from
+# those not yet asked, so the quiz's log-probability is -sum(log(remaining)); the answers follow
+# from the story and cost nothing.  A model that reaches the floor on a quiz line has read the
+# story: pretraining on quizzed stories teaches the look-up that answering needs, and the
+# instruction phase then only has to teach the chat template around it.
+# --------------------------------------------------------------------------------------------------
+
+
+def add_quiz(story: Story, n: int, rng: random.Random) -> Story:
+    """Write ``n`` quiz lines after ``story`` (fewer if it has fewer questions); returns it."""
+    remaining = list(story.qa)
+    lines: list[str] = []
+    logprob = 0.0
+    for _ in range(min(n, len(remaining))):
+        logprob -= math.log(len(remaining))
+        question, answer = remaining.pop(rng.randrange(len(remaining)))
+        lines.append(f"\n{question} {answer}")
+    story.quiz, story.quiz_logprob = "".join(lines), logprob
+    return story
+
+
+def parse_document(text: str) -> Story:
+    """Parse a corpus document (a story and its quiz lines, if any) back into its ``Story``.
+
+    ValueError if the story does not parse, or a quiz line is not a question about it followed
+    by its answer, or asks a question twice.  The quiz's log-probability is recomputed from the
+    text, so ``document_logprob`` of the result is that of ``text``.
+    """
+    story_text, *quiz_lines = text.split("\n")
+    story = render_story(parse_story(story_text))
+    remaining = dict(story.qa)
+    logprob = 0.0
+    for line in quiz_lines:
+        question, sep, answer = line.partition("? ")
+        question += "?"
+        if not sep or question not in remaining:
+            raise ValueError(f"not a question about the story, or asked twice: {line!r}")
+        if remaining[question] != answer:
+            raise ValueError(f"wrong answer in the quiz: {line!r}")
+        logprob -= math.log(len(remaining))
+        del remaining[question]
+    story.quiz = "".join("\n" + line for line in quiz_lines)
+    story.quiz_logprob = logprob
+    return story
 
 
 def story_logprob(choices: Sequence[tuple[str, str]]) -> float:

@@ -166,6 +166,8 @@ def canon_walls(
     width: int, past: int, T: int, doc_ids: torch.Tensor | None, key_valid: torch.Tensor | None
 ) -> CanonWalls:
     """Where canon layers must not mix positions: the same walls ``attention_mask`` builds."""
+    if width == 0:
+        return None, None
     keep_now = None
     if key_valid is not None:
         keep_now = key_valid[:, past : past + T, None].float()

@@ -21,7 +21,7 @@ def build_on_meta(cfg: ModelConfig) -> Transformer:
 
 
 def parameter_parts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters by part: embedding, positions, attention, ffn, norms, untied head."""
+    """Parameters by part: embedding, positions, attention, canon, ffn, norms, untied head."""
     parts = {"embedding": 0, "positions": 0, "attention": 0, "ffn": 0, "norms": 0, "lm_head": 0}
     if cfg.canon:
         parts["canon"] = 0

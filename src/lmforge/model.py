@@ -216,7 +216,6 @@ class Block(nn.Module):
             self.ffn = GeluMLP(cfg)
         self.attn = Attention(cfg, layer)
         self.canon = Canon(cfg.dim, cfg.canon) if cfg.canon else None
-        self.layer = layer
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -224,7 +223,7 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         h = self.norm1(x)
         if self.canon is not None:
-            h = self.canon(h, walls, cache, self.layer)
+            h = self.canon(h, walls, cache, self.attn.layer)
         x = x + self.dropout(self.attn(h, rope, mask, cache))
         return x + self.dropout(self.ffn(self.norm2(x)))
 

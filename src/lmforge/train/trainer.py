@@ -173,13 +173,13 @@ def default_optimizer(
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device is not None and device.type == "cuda"
     if name == "muon":
-        embeddings = {  # and canon layer weights: 2-D, but a filter per channel, not a matrix
+        not_matrices = {  # tables, and canon layers' per-channel filters: 2-D but no matrices
             id(p)
             for n, p in model.named_parameters()
             if n.startswith(("wte.", "wpe.", "lm_head.")) or ".canon." in n
         }
-        hidden = [p for p in params if p.dim() == 2 and id(p) not in embeddings]
-        rest = [p for p in params if p.dim() != 2 or id(p) in embeddings]
+        hidden = [p for p in params if p.dim() == 2 and id(p) not in not_matrices]
+        rest = [p for p in params if p.dim() != 2 or id(p) in not_matrices]
         muon = torch.optim.Muon(
             hidden,
             lr=muon_lr,

@@ -24,7 +24,8 @@ TINY = ["--model.n_layers=2", "--model.dim=32", "--model.n_heads=2", "--model.co
 
 
 def torchrun(n: int) -> list[str]:
-    if n == 1:
+    """n processes under torchrun; 0 is a plain process, not launched by torchrun."""
+    if n == 0:
         return [sys.executable, "-m", "lmforge"]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
             "--standalone", "-m", "lmforge"]
@@ -64,9 +65,18 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     run = tmp_path_factory.mktemp("one") / "run"
-    result = train(1, data, run, "--train.max_steps=20", batch=8)
+    result = train(0, data, run, "--train.max_steps=20", batch=8)
     assert result.returncode == 0, result.stderr
     return curve(run)
+
+
+def test_torchrun_with_one_process_joins_the_group_and_matches_a_plain_run(data, reference,
+                                                                           tmp_path):
+    run = tmp_path / "run"
+    result = train(1, data, run, "--train.max_steps=20", batch=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ddp on 1 process (gloo)" in result.stdout
+    assert_same_curve(curve(run), reference)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
@@ -76,7 +86,7 @@ def test_two_processes_match_one_with_the_same_global_batch(data, reference, tmp
     result = train(2, data, run, "--train.max_steps=20", f"--train.distributed={strategy}", batch=4)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_curve(curve(run), reference)
-    assert f"{strategy} on 2 processes" in (run / "logs" / "training.log").read_text()
+    assert f"{strategy} on 2 processes (gloo)" in (run / "logs" / "training.log").read_text()
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -88,7 +98,7 @@ def test_two_process_checkpoint_resumes_in_one_process(data, reference, tmp_path
     for path in (run / "checkpoints").glob("step_20.*"):
         path.unlink()  # as if the 2-process run had stopped after step 10
     (run / "checkpoints" / "final_model.pt").unlink()
-    second = train(1, data, run, "--train.max_steps=20", "--train.save_every=10", batch=8)
+    second = train(0, data, run, "--train.max_steps=20", "--train.save_every=10", batch=8)
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "step_10.pt" in second.stdout
     assert_same_curve(curve(run), reference)

@@ -23,10 +23,12 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     strategy: str = "none"  # none | ddp | fsdp
+    backend: str = ""  # nccl | gloo, once in a process group
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """In a process group: launched by torchrun, with one process or many."""
+        return self.strategy != "none"
 
     @property
     def is_main(self) -> bool:
@@ -46,18 +48,20 @@ class Dist:
 
 
 def setup(strategy: str = "ddp", device_type: str | None = None) -> Dist:
-    """Join the process group when launched by torchrun; a plain run is world size 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    """Join the process group when launched by torchrun (even with one process, so that
+    `--nproc_per_node=1` runs the same DDP/FSDP and NCCL code as eight); a plain run is alone."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist()
+    world_size = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = (device_type or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
+    backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank, world_size, local_rank, strategy)
+        dist.init_process_group(backend=backend)
+    return Dist(rank, world_size, local_rank, strategy, dist.get_backend())
 
 
 def teardown(together: bool = True) -> None:

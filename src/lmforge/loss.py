@@ -65,6 +65,10 @@ def default_chunk_tokens(vocab: int, budget: int = 2**25) -> int:
     return max(128, budget // max(1, vocab))
 
 
+# Kept out of torch.compile: its gradients are computed in forward, and once compiled on CUDA
+# (torch 2.11, inductor) `ctx.needs_input_grad` read False there, so backward returned zeros and
+# nothing trained. Eager here costs one graph break at the head; the blocks stay compiled.
+@torch.compiler.disable
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -241,7 +241,9 @@ def train_from_config(cfg: Config) -> int:
     )
     header = [
         f"lmforge {__version__} | {precision.describe()} | threads {threads}"
-        + (f" | {d.strategy} on {d.world_size} processes" if d.enabled else ""),
+        + (" | compiled" if compile_model else "")
+        + (f" | {d.strategy} on {d.world_size} process{'es' * (d.world_size > 1)} ({d.backend})"
+           if d.enabled else ""),
         f"model {m.preset}: {count_parameters(m):,} parameters ({m.block}, "
         f"{m.n_layers}x{m.dim}, {m.n_heads} heads"
         + (f", canon {m.canon}" if m.canon else "")

@@ -196,6 +196,7 @@ def settings_lines(info: dict[str, Any]) -> list[str]:
         layers=m.get("n_layers"),
         heads=heads,
         dim=m.get("dim"),
+        canon=m.get("canon"),  # 0 (off) is left out, as every false value is
         vocab=m.get("vocab_size"),
         tokenizer=tokenizer.get("name") if isinstance(tokenizer := info.get("tokenizer"), dict)
         else tokenizer,

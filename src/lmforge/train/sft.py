@@ -318,7 +318,8 @@ def _log_start(log, cfg: Config, info: dict[str, Any], conversations, precision,
     m = cfg.model
     log(f"lmforge {__version__} sft | {precision.describe()} | threads {threads}")
     log(f"init from {info['init_from']}: {info['params']:,} parameters ({m.block}, "
-        f"{m.n_layers}x{m.dim}, context {m.context}, vocab {m.vocab_size} padded to "
+        f"{m.n_layers}x{m.dim}, {m.n_heads} heads" + (f", canon {m.canon}" if m.canon else "")
+        + f", context {m.context}, vocab {m.vocab_size} padded to "
         f"{m.padded_vocab}{', extended for the chat tokens' if extended else ''})")
     for src in conversations.sources:
         log(f"data {src.path} ({src.format}): {src.records:,} conversations, weight {src.weight:g}"

@@ -282,3 +282,22 @@ def test_canon_layer_mixes_the_tokens_before_and_only_those():
     idx = torch.randint(0, 97, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), plain(idx))
+
+
+def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
+    """On a CPU, bf16 attention is slower than fp32 at small heads (bench/cpu_attention.py):
+    under bf16 autocast the model's attention is computed in fp32 and handed back in bf16,
+    with gradients that reach the bf16 inputs."""
+    import torch.nn.functional as F
+
+    from lmforge.model import _attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 12, 16).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _attention(q, k, v, is_causal=True)
+    assert y.dtype == torch.bfloat16
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert torch.equal(y, expected.bfloat16())
+    y.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0

@@ -68,6 +68,21 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """SDPA; on a CPU in fp32 even under bf16 autocast, cast back to the caller's dtype.
+
+    PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 at small head sizes
+    (forward + backward, B x H x T x D: 4 x 6 x 256 x 16 takes 8.7 ms in bf16, 4.3 ms in fp32;
+    16 x 6 x 256 x 16 32.7 ms against 19.4 ms; equal at D 64; bench/cpu_attention.py), and at the
+    demo's shape attention is a third of a training step. fp32 is also the more exact of the two.
+    """
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with torch.autocast("cpu", enabled=False):
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+    return y.to(q.dtype)
+
+
 class Attention(nn.Module):
     """Causal multi-head attention. llama: separate q/k/v, RoPE, optional GQA and QK-norm, no
     biases. gpt2: one fused qkv projection with biases, positions come from learned embeddings."""
@@ -108,7 +123,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         # SDPA picks FlashAttention / memory-efficient kernels on CUDA when it can.
-        y = F.scaled_dot_product_attention(
+        y = _attention(
             q,
             k,
             v,

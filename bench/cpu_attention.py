@@ -24,9 +24,7 @@ SHAPES = [(4, 6, 256, 16), (16, 6, 256, 16), (4, 4, 256, 32), (4, 4, 256, 64), (
 def time_one(shape, dtype, masked: bool, repeats: int) -> float:
     B, H, T, D = shape
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (
-        torch.randn(B, H, T, D, generator=gen).to(dtype).requires_grad_() for _ in range(3)
-    )
+    q, k, v = (torch.randn(B, H, T, D, generator=gen).to(dtype).requires_grad_() for _ in range(3))
     grad = torch.randn(B, H, T, D, generator=gen).to(dtype)
     mask = torch.ones(B, 1, T, T, dtype=torch.bool).tril() if masked else None
 

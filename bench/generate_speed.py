@@ -22,9 +22,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=1,
-                        help="prompts decoded together (batch 1 on a CPU is bound by reading the "
-                        "weights once per token; a batch shares that read)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="prompts decoded together (batch 1 on a CPU is bound by reading the "
+        "weights once per token; a batch shares that read)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     context = args.prompt_tokens + args.new_tokens

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from common import dump, report
+from lmforge.demo import cpu_precision
 
 from lmforge.cli import main as lmforge
-from lmforge.demo import cpu_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 MARGINS = (0.5, 0.3, 0.15)

@@ -28,8 +28,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def prepare(out: Path, tokenizer: str, size_mb: float) -> Path:
     data = out / f"stories-{tokenizer}"
     if not (data / "meta.json").is_file():
-        cmd = [sys.executable, "-m", "lmforge", "prepare", "--builtin", "stories", "--size-mb",
-               str(size_mb), "--tokenizer", tokenizer, "--out", str(data), "--overwrite"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lmforge",
+            "prepare",
+            "--builtin",
+            "stories",
+            "--size-mb",
+            str(size_mb),
+            "--tokenizer",
+            tokenizer,
+            "--out",
+            str(data),
+            "--overwrite",
+        ]
         subprocess.run(cmd, check=True, capture_output=True)
     return data
 
@@ -37,17 +50,38 @@ def prepare(out: Path, tokenizer: str, size_mb: float) -> Path:
 def train(preset: str, data: Path, run: Path, args: argparse.Namespace) -> dict:
     launcher = [sys.executable, "-m", "lmforge"]
     if args.nproc:
-        launcher = [sys.executable, "-m", "torch.distributed.run",
-                    f"--nproc_per_node={args.nproc}", "--standalone", "-m", "lmforge"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={args.nproc}",
+            "--standalone",
+            "-m",
+            "lmforge",
+        ]
     shutil.rmtree(run, ignore_errors=True)
-    cmd = [*launcher, "train", f"--data.dir={data}", f"--run.dir={run}",
-           f"--model.preset={preset}", f"--model.context={args.context}",
-           f"--train.batch_size={args.batch_size}", f"--train.grad_accum={args.grad_accum}",
-           f"--train.max_steps={args.steps}", f"--train.dtype={args.dtype}",
-           f"--train.compile={args.compile}", f"--log.log_every={args.log_every}",
-           "--train.eval_every=0", "--train.eval_batches=1", "--train.save_every=0",
-           "--train.save_every_minutes=0", "--train.sample_every=0", "--log.plot_every=0",
-           "--schedule.warmup_steps=10", "--train.resume=none"]
+    cmd = [
+        *launcher,
+        "train",
+        f"--data.dir={data}",
+        f"--run.dir={run}",
+        f"--model.preset={preset}",
+        f"--model.context={args.context}",
+        f"--train.batch_size={args.batch_size}",
+        f"--train.grad_accum={args.grad_accum}",
+        f"--train.max_steps={args.steps}",
+        f"--train.dtype={args.dtype}",
+        f"--train.compile={args.compile}",
+        f"--log.log_every={args.log_every}",
+        "--train.eval_every=0",
+        "--train.eval_batches=1",
+        "--train.save_every=0",
+        "--train.save_every_minutes=0",
+        "--train.sample_every=0",
+        "--log.plot_every=0",
+        "--schedule.warmup_steps=10",
+        "--train.resume=none",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{preset}: lmforge train failed:\n{result.stderr[-3000:]}")
@@ -88,13 +122,17 @@ def main() -> None:
     results = [train(p, data, out / f"throughput-{p}", args) for p in args.presets.split(",")]
 
     launch = f"torchrun --nproc_per_node={args.nproc}" if args.nproc else "one process"
-    print(f"{launch}, context {args.context}, batch {args.batch_size} x {args.grad_accum}, "
-          f"{args.steps} steps, dtype {args.dtype}, compile {args.compile}")
+    print(
+        f"{launch}, context {args.context}, batch {args.batch_size} x {args.grad_accum}, "
+        f"{args.steps} steps, dtype {args.dtype}, compile {args.compile}"
+    )
     print(f"{'preset':<12}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}{'peak mem':>12}{'loss':>16}")
     for r in results:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['preset']:<12}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>12,.0f}{mfu:>8}"
-              f"{r['peak_memory_mb']:>9,.0f} MB{r['first_loss']:>8.2f}->{r['last_loss']:.2f}")
+        print(
+            f"{r['preset']:<12}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>12,.0f}{mfu:>8}"
+            f"{r['peak_memory_mb']:>9,.0f} MB{r['first_loss']:>8.2f}->{r['last_loss']:.2f}"
+        )
     for r in results:
         print(f"{r['preset']}: {' / '.join(r['header'])}")
     name = "train_throughput" + (f"_torchrun{args.nproc}" if args.nproc else "")

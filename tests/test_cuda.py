@@ -11,24 +11,36 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.config import model_config
+from lmforge.config import OptimConfig, model_config
 from lmforge.model import Transformer
-from lmforge.train.trainer import default_optimizer
+from lmforge.train.optim import build_optimizer
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-TINY = ["--model.n_layers=2", "--model.dim=64", "--model.n_heads=4", "--model.context=128",
-        "--train.batch_size=8", "--schedule.warmup_steps=5", "--optim.lr=3e-3",
-        "--train.sample_every=0", "--log.plot_every=0", "--log.log_every=5",
-        "--train.eval_every=20", "--train.eval_batches=2", "--train.save_every_minutes=0"]
+TINY = [
+    "--model.n_layers=2",
+    "--model.dim=64",
+    "--model.n_heads=4",
+    "--model.context=128",
+    "--train.batch_size=8",
+    "--schedule.warmup_steps=5",
+    "--optim.lr=3e-3",
+    "--train.sample_every=0",
+    "--log.plot_every=0",
+    "--log.log_every=5",
+    "--train.eval_every=20",
+    "--train.eval_batches=2",
+    "--train.save_every_minutes=0",
+]
 
 
 def lmforge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +58,49 @@ def metrics(run: Path) -> list[dict]:
 
 def tiny_model(**kw) -> Transformer:
     torch.manual_seed(0)
-    cfg = model_config("tiny", n_layers=2, dim=64, n_heads=4, context=64, vocab_size=97,
-                       pad_vocab_multiple=64, **kw)
+    cfg = model_config(
+        "tiny",
+        n_layers=2,
+        dim=64,
+        n_heads=4,
+        context=64,
+        vocab_size=97,
+        pad_vocab_multiple=64,
+        **kw,
+    )
     return Transformer(cfg)
 
 
 def test_bf16_compiled_training_on_cuda_learns_reports_mfu_and_loads_on_cpu(data_dir, tmp_path):
     run = tmp_path / "run"
-    result = lmforge("train", f"--data.dir={data_dir}", f"--run.dir={run}", *TINY,
-                     "--train.max_steps=60", "--train.device=cuda", "--train.dtype=bf16",
-                     "--train.compile=true")
+    result = lmforge(
+        "train",
+        f"--data.dir={data_dir}",
+        f"--run.dir={run}",
+        *TINY,
+        "--train.max_steps=60",
+        "--train.device=cuda",
+        "--train.dtype=bf16",
+        "--train.compile=true",
+    )
     assert result.returncode == 0, result.stderr
     rows = [r for r in metrics(run) if r.get("loss") is not None]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5  # a char model leaves ~4.6 nats fast
     assert all(r["mfu"] is not None and 0 < r["mfu"] < 1 for r in rows)  # a known GPU's peak
     assert "precision bf16" in result.stdout and "| compiled" in result.stdout
     # The CUDA checkpoint is usable where there is no GPU.
-    out = lmforge("generate", str(run), "--prompt", "One sunny day,", "--max-new-tokens", "20",
-                  "--temperature", "0", "--device", "cpu")
+    out = lmforge(
+        "generate",
+        str(run),
+        "--prompt",
+        "One sunny day,",
+        "--max-new-tokens",
+        "20",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("One sunny day,") and len(out.stdout.strip()) > 20
 
@@ -71,7 +108,9 @@ def test_bf16_compiled_training_on_cuda_learns_reports_mfu_and_loads_on_cpu(data
 def test_adamw_is_fused_on_cuda_and_not_on_cpu():
     for device, fused in (("cuda", True), ("cpu", None)):
         model = tiny_model().to(device)
-        (opt,) = default_optimizer(model, lr=1e-3, weight_decay=0.1, device=torch.device(device))
+        (opt,) = build_optimizer(
+            model, OptimConfig(lr=1e-3, weight_decay=0.1), torch.device(device)
+        )
         assert opt.defaults["fused"] is fused
 
 
@@ -119,9 +158,21 @@ def test_cached_generation_on_cuda_equals_uncached():
 
 def test_torchrun_one_process_uses_nccl_and_learns(data_dir, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone",
-           "-m", "lmforge", "train", f"--data.dir={data_dir}", f"--run.dir={run}", *TINY,
-           "--train.max_steps=40", "--train.dtype=bf16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        "--standalone",
+        "-m",
+        "lmforge",
+        "train",
+        f"--data.dir={data_dir}",
+        f"--run.dir={run}",
+        *TINY,
+        "--train.max_steps=40",
+        "--train.dtype=bf16",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "ddp on 1 process (nccl)" in result.stdout

@@ -16,31 +16,58 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--model.n_layers=2", "--model.dim=32", "--model.n_heads=2", "--model.context=64",
-        "--schedule.warmup_steps=5", "--optim.lr=3e-3", "--train.sample_every=0",
-        "--log.plot_every=0", "--train.warmup_passes=0", "--log.log_every=1",
-        "--train.eval_every=10", "--train.eval_batches=2", "--train.threads=1",
-        "--train.save_every_minutes=0"]
+TINY = [
+    "--model.n_layers=2",
+    "--model.dim=32",
+    "--model.n_heads=2",
+    "--model.context=64",
+    "--schedule.warmup_steps=5",
+    "--optim.lr=3e-3",
+    "--train.sample_every=0",
+    "--log.plot_every=0",
+    "--train.warmup_passes=0",
+    "--log.log_every=1",
+    "--train.eval_every=10",
+    "--train.eval_batches=2",
+    "--train.threads=1",
+    "--train.save_every_minutes=0",
+]
 
 
 def torchrun(n: int) -> list[str]:
     """n processes under torchrun; 0 is a plain process, not launched by torchrun."""
     if n == 0:
         return [sys.executable, "-m", "lmforge"]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-            "--standalone", "-m", "lmforge"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={n}",
+        "--standalone",
+        "-m",
+        "lmforge",
+    ]
 
 
 def train(n: int, data: Path, run: Path, *extra: str, batch: int) -> subprocess.CompletedProcess:
-    cmd = [*torchrun(n), "train", f"--data.dir={data}", f"--run.dir={run}",
-           f"--train.batch_size={batch}", *TINY, *extra]
+    cmd = [
+        *torchrun(n),
+        "train",
+        f"--data.dir={data}",
+        f"--run.dir={run}",
+        f"--train.batch_size={batch}",
+        *TINY,
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
 def curve(run: Path) -> list[tuple[int, float, float, str]]:
     with open(run / "logs" / "training_metrics.csv", newline="") as f:
-        return [(int(r["step"]), float(r["loss"]), float(r["grad_norm"]), r["val_loss"])
-                for r in csv.DictReader(f)]
+        return [
+            (int(r["step"]), float(r["loss"]), float(r["grad_norm"]), r["val_loss"])
+            for r in csv.DictReader(f)
+        ]
 
 
 def assert_same_curve(a, b, tol=1e-5):
@@ -56,8 +83,22 @@ def assert_same_curve(a, b, tol=1e-5):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "stories"
-    result = subprocess.run([sys.executable, "-m", "lmforge", "prepare", "--builtin", "stories",
-                             "--size-mb", "0.3", "--out", str(out)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmforge",
+            "prepare",
+            "--builtin",
+            "stories",
+            "--size-mb",
+            "0.3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -70,8 +111,9 @@ def reference(data, tmp_path_factory):
     return curve(run)
 
 
-def test_torchrun_with_one_process_joins_the_group_and_matches_a_plain_run(data, reference,
-                                                                           tmp_path):
+def test_torchrun_with_one_process_joins_the_group_and_matches_a_plain_run(
+    data, reference, tmp_path
+):
     run = tmp_path / "run"
     result = train(1, data, run, "--train.max_steps=20", batch=8)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -92,8 +134,15 @@ def test_two_processes_match_one_with_the_same_global_batch(data, reference, tmp
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_checkpoint_resumes_in_one_process(data, reference, tmp_path, strategy):
     run = tmp_path / "run"
-    first = train(2, data, run, "--train.max_steps=20", "--train.save_every=10",
-                  f"--train.distributed={strategy}", batch=4)
+    first = train(
+        2,
+        data,
+        run,
+        "--train.max_steps=20",
+        "--train.save_every=10",
+        f"--train.distributed={strategy}",
+        batch=4,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     for path in (run / "checkpoints").glob("step_20.*"):
         path.unlink()  # as if the 2-process run had stopped after step 10
@@ -106,10 +155,19 @@ def test_two_process_checkpoint_resumes_in_one_process(data, reference, tmp_path
 
 def test_sigterm_to_the_torchrun_group_saves_once_and_resumes(data, reference, tmp_path):
     run = tmp_path / "run"
-    cmd = [*torchrun(2), "train", f"--data.dir={data}", f"--run.dir={run}",
-           "--train.batch_size=4", *TINY, "--train.max_steps=20", "--train.save_every=1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    cmd = [
+        *torchrun(2),
+        "train",
+        f"--data.dir={data}",
+        f"--run.dir={run}",
+        "--train.batch_size=4",
+        *TINY,
+        "--train.max_steps=20",
+        "--train.save_every=1000",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     metrics = run / "logs" / "training_metrics.csv"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

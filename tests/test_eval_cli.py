@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from test_sft import (
+from helpers import (
     checksums,
     lmforge,
     make_tiny_run,
@@ -25,10 +25,13 @@ def prepared(tmp_path_factory):
     text = root / "stories.txt"
     text.write_text("\n\n".join(r["story"] for r in story_records(200)), encoding="utf-8")
     folder = root / "data"
-    assert lmforge("prepare", text, "--out", folder, "--tokenizer", "char",
-                   "--val-fraction", "0.2") == 0
-    run = make_tiny_run(root / "run", tokenizer=load_tokenizer(folder), phase="sft",
-                        data_dir=str(folder))
+    assert (
+        lmforge("prepare", text, "--out", folder, "--tokenizer", "char", "--val-fraction", "0.2")
+        == 0
+    )
+    run = make_tiny_run(
+        root / "run", tokenizer=load_tokenizer(folder), phase="sft", data_dir=str(folder)
+    )
     return root, folder, run
 
 
@@ -47,8 +50,21 @@ def test_eval_on_story_qa_writes_the_metrics(prepared, capsys):
     root, _, run = prepared
     data = write_jsonl(root / "qa_val.jsonl", story_records(12, seed=5))
     out = root / "qa.json"
-    assert lmforge("eval", run, "--data", f"stories-qa:{data}", "--limit", "5", "--json", out,
-                   "--max-new-tokens", "8") == 0
+    assert (
+        lmforge(
+            "eval",
+            run,
+            "--data",
+            f"stories-qa:{data}",
+            "--limit",
+            "5",
+            "--json",
+            out,
+            "--max-new-tokens",
+            "8",
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["examples"] == 5 and len(result["predictions"]) == 5
     assert set(result["metrics"]) == {"exact_match", "f1", "accuracy"}
@@ -61,16 +77,20 @@ def test_eval_on_story_qa_writes_the_metrics(prepared, capsys):
     right = sum(evaluate.story_accuracy(p["prediction"], p["references"][0])
                 for p in result["predictions"])  # fmt: skip
     assert sum(v["accuracy"] * v["examples"] for v in by_kind.values()) == pytest.approx(
-        100 * right, abs=1e-6)
+        100 * right, abs=1e-6
+    )
     out = capsys.readouterr().out
     assert "exact_match" in out and "accuracy by question" in out
 
 
-@pytest.mark.parametrize("content, says", [
-    ('[{"instruction": "Say hi", "output": "hi"', "not valid JSON"),
-    ('[{"instruction": "Say hi", "input": ""}]', "'output'"),
-    ("   \n", "empty"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ('[{"instruction": "Say hi", "output": "hi"', "not valid JSON"),
+        ('[{"instruction": "Say hi", "input": ""}]', "'output'"),
+        ("   \n", "empty"),
+    ],
+)
 def test_eval_refuses_bad_qa_files(prepared, tmp_path, capsys, content, says):
     _, _, run = prepared
     bad = tmp_path / "bad.json"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.chat_format import CHAT_TOKENS
 from lmforge.config import model_config
 from lmforge.errors import UserError
 from lmforge.export import (
@@ -20,11 +21,9 @@ from lmforge.export import (
     init_from_hf,
     load_hf_folder,
     permute_for_llama_cpp,
-    run_export,
 )
 from lmforge.model import Transformer
 from lmforge.tokenizers import (
-    CHAT_TOKENS,
     BPETokenizer,
     ByteTokenizer,
     CharTokenizer,
@@ -76,29 +75,11 @@ def make_run(folder: Path, model: Transformer, tokenizer: Tokenizer, phase: str 
     return folder
 
 
-def export_registered() -> bool:
-    from lmforge import cli
-
-    return any(command[0] == "export" for command in getattr(cli, "COMMANDS", []))
-
-
 def lmforge_export(*args: str | Path) -> tuple[int, str]:
-    """(exit status, stderr) of `lmforge export ARGS`: the real CLI once it is registered."""
-    argv = [str(a) for a in args]
-    if export_registered():
-        result = subprocess.run(
-            [sys.executable, "-m", "lmforge", "export", *argv], capture_output=True, text=True
-        )
-        return result.returncode, result.stderr
-    from lmforge.cli import Formatter, Parser
-    from lmforge.export import add_export_arguments
-
-    parser = Parser(prog="lmforge export", formatter_class=Formatter)
-    add_export_arguments(parser)
-    try:
-        return run_export(parser.parse_args(argv)), ""
-    except UserError as e:
-        return 2, f"lmforge: error: {e}\n"
+    """(exit status, stderr) of `lmforge export ARGS`."""
+    result = subprocess.run([sys.executable, "-m", "lmforge", "export", *map(str, args)],
+                            capture_output=True, text=True)  # fmt: skip
+    return result.returncode, result.stderr
 
 
 def one_line(stderr: str) -> str:
@@ -194,7 +175,7 @@ def test_exported_tokenizer_encodes_like_lmforge(tmp_path, bpe, name):
 
 
 def test_sft_export_has_the_chat_template_and_end_token(tmp_path, bpe):
-    from lmforge.data.instruct import Turn, render_prompt
+    from lmforge.chat_format import Turn, render_prompt
 
     model = tiny_model(bpe)
     export_hf(model, bpe, tmp_path / "hf", sft=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 
 import pytest
-from test_sft import lmforge, lmforge_subprocess, make_tiny_run, one_error_line
+from helpers import lmforge, lmforge_subprocess, make_tiny_run, one_error_line
 
-from lmforge.data.instruct import Turn, render_prompt
+from lmforge.chat_format import Turn, render_prompt
 from lmforge.generate import StreamPrinter, fit_history, prompt_budget
 from lmforge.tokenizers import ByteTokenizer
 
@@ -19,8 +19,7 @@ def runs(tmp_path_factory):
 
 
 def test_generate_prints_a_continuation(runs, capsys):
-    argv = ("generate", runs["pre"], "--prompt", "Ben had", "--max-new-tokens", "20",
-            "--seed", "3")
+    argv = ("generate", runs["pre"], "--prompt", "Ben had", "--max-new-tokens", "20", "--seed", "3")
     assert lmforge(*argv) == 0
     first = capsys.readouterr().out
     assert first.startswith("Ben had") and len(first.strip()) > len("Ben had")
@@ -29,8 +28,23 @@ def test_generate_prints_a_continuation(runs, capsys):
 
 
 def test_generate_several_samples_and_chat_template(runs, capsys):
-    assert lmforge("generate", runs["sft"], "--prompt", "Who had the cup?", "--num-samples", "2",
-                   "--max-new-tokens", "10", "--seed", "0", "--temperature", "1.0") == 0
+    assert (
+        lmforge(
+            "generate",
+            runs["sft"],
+            "--prompt",
+            "Who had the cup?",
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            "10",
+            "--seed",
+            "0",
+            "--temperature",
+            "1.0",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Who had the cup?" not in out  # the template's reply, not a continuation
     assert out.count("\n\n") == 1
@@ -44,15 +58,29 @@ def test_generate_refuses_bad_settings(runs, capsys, tmp_path):
 
 
 def test_chat_answers_each_piped_line(runs):
-    result = lmforge_subprocess("chat", runs["sft"], "--seed", "0", "--max-new-tokens", "12",
-                                input="hello\nwhat?\n/exit\nnever read\n")
+    result = lmforge_subprocess(
+        "chat",
+        runs["sft"],
+        "--seed",
+        "0",
+        "--max-new-tokens",
+        "12",
+        input="hello\nwhat?\n/exit\nnever read\n",
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2, result.stdout  # one answer line per question
 
 
 def test_chat_reset_and_end_of_input(runs):
-    result = lmforge_subprocess("chat", runs["sft"], "--seed", "0", "--max-new-tokens", "5",
-                                input="hello\n/reset\n\nagain\n")
+    result = lmforge_subprocess(
+        "chat",
+        runs["sft"],
+        "--seed",
+        "0",
+        "--max-new-tokens",
+        "5",
+        input="hello\n/reset\n\nagain\n",
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2, result.stdout
 

@@ -8,24 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from lmforge.chat_format import IGNORE_INDEX, ChatIds, Turn, chat_ids, render, render_prompt
 from lmforge.data import instruct
 from lmforge.data.instruct import (
-    IGNORE_INDEX,
     REFUSAL,
     SFTBatches,
-    Turn,
-    chat_ids,
     detect_format,
     load_sources,
     looks_like_instruction_data,
     pack_examples,
-    packed_attention_mask,
     pad_batch,
-    render,
     render_all,
-    render_prompt,
 )
 from lmforge.errors import UserError
 
@@ -222,7 +216,7 @@ def test_chat_ids_fall_back_to_spare_vocabulary_ids():
     class NoSpecials(ByteTokenizer):
         special_ids = {"<|endoftext|>": 256}
 
-    assert chat_ids(NoSpecials()) == instruct.ChatIds(257, 258, 259, 260)
+    assert chat_ids(NoSpecials()) == ChatIds(257, 258, 259, 260)
 
 
 def test_truncation_keeps_start_and_drops_conversations_without_targets():
@@ -240,27 +234,16 @@ def test_truncation_keeps_start_and_drops_conversations_without_targets():
 # ---- packing isolates examples ------------------------------------------------------------
 
 
-class TinyAttention(torch.nn.Module):
-    """Embedding + learned positions from position_ids + one SDPA layer + head."""
-
-    def __init__(self, vocab: int = 261, dim: int = 16, max_pos: int = 64) -> None:
-        super().__init__()
-        self.tok = torch.nn.Embedding(vocab, dim)
-        self.pos = torch.nn.Embedding(max_pos, dim)
-        self.qkv = torch.nn.Linear(dim, 3 * dim)
-        self.head = torch.nn.Linear(dim, vocab)
-
-    def forward(self, ids, position_ids, attn_mask):
-        x = self.tok(ids) + self.pos(position_ids)  # (B, T, C)
-        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)  # (B, 1, T, C) each
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).squeeze(1)
-        return self.head(x + y)  # (B, T, vocab)
-
-
 def test_packed_logits_equal_each_example_alone():
+    """lmforge's model with a packed row's position_ids and doc_ids gives each example the logits
+    it has alone: no attention (or canon filter) crosses from one example into the next."""
+    from lmforge.config import ModelConfig
+    from lmforge.model import Transformer
+
     torch.manual_seed(0)
     # float64 so that equality is exact up to summation order, far below 1e-6.
-    model = TinyAttention().double()
+    model = Transformer(ModelConfig(vocab_size=257, n_layers=2, dim=16, n_heads=2, context=64,
+                                    canon=3)).double().eval()  # fmt: skip
     conversations = [
         [Turn("user", "hi"), Turn("assistant", "hello there")],
         [Turn("user", "2+2?"), Turn("assistant", "4")],
@@ -271,11 +254,10 @@ def test_packed_logits_equal_each_example_alone():
     rows = pack_examples(examples, seq_len=40, pad_id=IDS.pad)
     assert len(rows) < len(examples)  # something really was packed together
     batch = {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
-    mask = packed_attention_mask(batch["doc_ids"])
-    assert mask.shape == (len(rows), 1, 40, 40) and mask.dtype == torch.bool
     with torch.no_grad():
-        packed = model(batch["input_ids"], batch["position_ids"], mask)
-        causal_only = model(batch["input_ids"], batch["position_ids"], mask.new_ones(40, 40).tril())
+        packed = model(batch["input_ids"], position_ids=batch["position_ids"],
+                       doc_ids=batch["doc_ids"])  # fmt: skip
+        causal_only = model(batch["input_ids"], position_ids=batch["position_ids"])
     assert not torch.isnan(packed).any()  # padding rows are never fully masked
     seen = []
     for row, r in enumerate(rows):
@@ -286,13 +268,10 @@ def test_packed_logits_equal_each_example_alone():
             seen.append(index)
             assert r["labels"][where].tolist() == examples[index][1]
             assert r["position_ids"][where].tolist() == list(range(len(where)))
-            T = len(where)
             with torch.no_grad():
-                alone = model(
-                    ids[None], torch.arange(T)[None], torch.ones(T, T, dtype=torch.bool).tril()
-                )
+                alone = model(ids[None])
             torch.testing.assert_close(packed[row, where], alone[0], atol=1e-6, rtol=0)
-            if doc > 0:  # without the block mask, later examples would see earlier ones
+            if doc > 0:  # without doc_ids, later examples would see earlier ones
                 assert not torch.allclose(causal_only[row, where], alone[0], atol=1e-6)
     assert sorted(seen) == list(range(len(examples)))
     padding = batch["doc_ids"] == -1

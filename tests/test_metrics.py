@@ -58,7 +58,7 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path):
         f.write("110,112640,5.5,0.04")
     with open(log_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 110, "lo')
-    with MetricsWriter(log_dir, resume_step=50) as writer:
+    with MetricsWriter(log_dir, start_step=50) as writer:
         assert [r["step"] for r in _csv_rows(log_dir)] == ["10", "20", "30", "40", "50"]
         writer.write(_row(60))
     assert [r["step"] for r in _csv_rows(log_dir)] == ["10", "20", "30", "40", "50", "60"]
@@ -67,19 +67,37 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tmp_path):
     assert not list(log_dir.glob("*.tmp"))
 
 
-def test_existing_logs_are_never_silently_replaced(tmp_path):
+def test_a_new_run_moves_an_earlier_attempts_logs_aside(tmp_path):
     log_dir = tmp_path / "logs"
     with MetricsWriter(log_dir) as writer:
         writer.write(_row(10))
         writer.log_line("step 10 | loss 0.5")
-    with pytest.raises(UserError, match="already holds"):
-        MetricsWriter(log_dir)
-    with MetricsWriter(log_dir, fresh=True) as writer:
+    with MetricsWriter(log_dir) as writer:  # a new run: no checkpoint to continue from
         writer.write(_row(5))
+        assert writer.moved_aside is not None and writer.moved_aside.parent == log_dir
+        aside = writer.moved_aside
     assert [r["step"] for r in _csv_rows(log_dir)] == ["5"]
-    old = (log_dir / "training_metrics.csv.old").read_text()
-    assert old.splitlines()[1].startswith("10,")
-    assert "loss 0.5" in (log_dir / "training.log.old").read_text()
+    assert (aside / "training_metrics.csv").read_text().splitlines()[1].startswith("10,")
+    assert "loss 0.5" in (aside / "training.log").read_text()
+
+
+def test_resume_cuts_every_file_to_the_checkpoints_offsets(tmp_path):
+    """What was logged after the checkpoint is cut from all four files, exactly."""
+    log_dir = tmp_path / "logs"
+    with MetricsWriter(log_dir) as writer:
+        writer.write(_row(10))
+        writer.log_line("step 10")
+        writer.sample("=== step 10 ===")
+        offsets = writer.sync()  # what a checkpoint at step 10 records
+        kept = {p.name: p.read_bytes() for p in log_dir.iterdir()}
+        writer.write(_row(20))
+        writer.log_line("step 20")
+        writer.sample("=== step 20 ===")
+    with MetricsWriter(log_dir, start_step=10, offsets=offsets) as writer:
+        assert {p.name: p.read_bytes() for p in log_dir.iterdir()} == kept
+        writer.write(_row(20))
+    assert [r["step"] for r in _csv_rows(log_dir)] == ["10", "20"]
+    assert (log_dir / "samples.txt").read_text() == "=== step 10 ===\n\n"
 
 
 def test_log_line_goes_to_terminal_and_file(tmp_path, capsys):

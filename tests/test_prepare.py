@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import functools
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -17,10 +13,8 @@ import numpy as np
 import pytest
 
 from lmforge.data.prepare import (
-    add_prepare_arguments,
     is_val_document,
     prepare,
-    run_prepare,
     split_documents,
     token_dtype,
 )
@@ -42,38 +36,12 @@ def shared_file(relative: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------ helpers
-@functools.lru_cache(maxsize=1)
-def _cli_works() -> bool:
-    """The real `python -m lmforge` when the CLI module is in place, else the fallback below."""
-    try:
-        import lmforge.cli  # noqa: F401
-    except ImportError:
-        return False
-    probe = subprocess.run(
-        [sys.executable, "-m", "lmforge", "prepare", "--help"], capture_output=True, text=True
-    )
-    return probe.returncode == 0
-
-
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run `lmforge prepare ARGS`: (exit status, stdout, stderr)."""
-    if _cli_works():
-        done = subprocess.run(
-            [sys.executable, "-m", "lmforge", "prepare", *args], capture_output=True, text=True
-        )
-        return done.returncode, done.stdout, done.stderr
-    parser = argparse.ArgumentParser(prog="lmforge prepare")
-    add_prepare_arguments(parser)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = run_prepare(parser.parse_args(list(args)))
-        except UserError as e:
-            print(f"lmforge: error: {e}", file=err)
-            code = 2
-        except SystemExit as e:
-            code = int(e.code or 0)
-    return code, out.getvalue(), err.getvalue()
+    done = subprocess.run(
+        [sys.executable, "-m", "lmforge", "prepare", *args], capture_output=True, text=True
+    )
+    return done.returncode, done.stdout, done.stderr
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -1,150 +1,31 @@
-"""`lmforge sft`: token-normalised accumulation, a run whose loss falls, refusals of bad input.
-
-Also home of the small helpers the generate/chat and eval tests share: a tiny checkpoint built
-directly (2 layers, dim 32), templated story Q&A data, and `lmforge(...)`, which runs a command
-in-process the way the CLI does (UserError -> one line on stderr, exit 2).
-"""
+"""`lmforge sft`: token-normalised accumulation, a run whose loss falls, refusals of bad input."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    ALPHABET,
+    checksums,
+    lmforge,
+    make_tiny_run,
+    one_error_line,
+    story_records,
+    write_jsonl,
+)
 
-from lmforge.config import Config, ModelConfig
-from lmforge.data.instruct import SFTBatches, Turn, chat_ids, pad_batch, render
+from lmforge.chat_format import Turn, chat_ids, render
+from lmforge.config import ModelConfig
+from lmforge.data.instruct import SFTBatches, pad_batch
 from lmforge.errors import UserError
 from lmforge.model import Transformer
 from lmforge.tokenizers import ByteTokenizer, CharTokenizer
-from lmforge.train.checkpoint import load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import load_checkpoint
 from lmforge.train.sft import InstructionBatches, chat_ready_model, split_conversations
 from lmforge.train.trainer import Batches, Trainer, TrainSettings
-
-# ------------------------------------------------------------------------------ shared helpers
-NAMES = ["Ben", "Mia", "Tom", "Lily", "Sam", "Anna"]
-THINGS = ["ball", "kite", "hat", "cup", "book", "boat"]
-COLOURS = ["red", "blue", "green", "yellow"]
-# Every character the templated data uses, so the char vocabulary has no unknowns.
-ALPHABET = "".join(sorted(set(" .?\n" + "".join(NAMES + THINGS + COLOURS)
-                              + "hadgvetoWwcolrfTkyabcdefghijklmnopqrstuvwxyz")))
-
-
-def story_records(n: int, seed: int = 0) -> list[dict]:
-    """Built-in-style story Q&A records: the answer is always a word of the story."""
-    rng = random.Random(seed)
-    records = []
-    for i in range(n):
-        name, friend = rng.sample(NAMES, 2)
-        thing, colour = rng.choice(THINGS), rng.choice(COLOURS)
-        story = f"{name} had a {colour} {thing}. {name} gave it to {friend}."
-        question, answer = rng.choice([(f"Who had the {thing}?", name),
-                                       (f"What color was the {thing}?", colour),
-                                       (f"Who got the {thing}?", friend)])
-        records.append({"story": story, "question": question, "answer": answer,
-                        "story_index": i})
-    return records
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def make_tiny_run(root: Path, tokenizer=None, phase: str = "pretrain",
-                  pad_vocab_multiple: int = 64, context: int = 96, data_dir: str = "") -> Path:
-    """A run folder (checkpoints/final_model.pt + tokenizer/) with a random 2x32 model."""
-    tok = tokenizer or CharTokenizer.build([ALPHABET])
-    model_cfg = ModelConfig(n_layers=2, dim=32, n_heads=2, context=context,
-                            vocab_size=tok.vocab_size, pad_vocab_multiple=pad_vocab_multiple)
-    cfg = Config(model=model_cfg)
-    cfg.data.dir = data_dir
-    torch.manual_seed(0)
-    model = Transformer(model_cfg)
-    state = {"model": model.state_dict(), "config": cfg.to_dict(), "tokenizer": tok.identity(),
-             "step": 0, "phase": phase}
-    save_checkpoint(root / "checkpoints" / "final_model.pt", state, {"step": 0})
-    tok.save(root / "tokenizer")
-    return root
-
-
-def _registered(command: str) -> bool:
-    from lmforge.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return command in sub.choices
-
-
-def _own_parser(command: str):
-    """Until `lmforge.cli` registers a command: its parser and runner, from its module."""
-    from lmforge import eval_cli, generate
-    from lmforge.cli import Parser
-
-    adders = {"generate": (generate.add_generate_arguments, generate.run_generate),
-              "chat": (generate.add_chat_arguments, generate.run_chat),
-              "eval": (eval_cli.add_eval_arguments, eval_cli.run_eval)}
-    add, run = adders[command]
-    parser = Parser(prog=f"lmforge {command}")
-    add(parser)
-    return parser, run
-
-
-def lmforge(*argv: str) -> int:
-    """Run `lmforge ARGV` in-process; exit status as the CLI gives it."""
-    from lmforge.cli import main
-
-    argv = [str(a) for a in argv]
-    if _registered(argv[0]):
-        return main(argv)
-    try:
-        parser, run = _own_parser(argv[0])
-        return run(parser.parse_args(argv[1:])) or 0
-    except UserError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
-        return 2
-
-
-RUNNER = """
-import sys
-from lmforge.errors import UserError
-sys.path.insert(0, {tests!r})
-from test_sft import _own_parser
-parser, run = _own_parser(sys.argv[1])
-try:
-    sys.exit(run(parser.parse_args(sys.argv[2:])) or 0)
-except UserError as e:
-    print(f"lmforge: error: {{e}}", file=sys.stderr)
-    sys.exit(2)
-"""
-
-
-def lmforge_subprocess(*argv: str, input: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m lmforge ARGV` in a child process (stdin piped), or its stand-in until the
-    command is registered."""
-    argv = [str(a) for a in argv]
-    if _registered(argv[0]):
-        cmd = [sys.executable, "-m", "lmforge", *argv]
-    else:
-        cmd = [sys.executable, "-c", RUNNER.format(tests=str(Path(__file__).parent)), *argv]
-    return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
-
-
-def checksums(*paths: Path) -> dict[str, str]:
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*")))
-             if f.is_file()]
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("lmforge: error:"), err
-    return lines[0]
 
 
 # ------------------------------------------------------------------------- gradient accumulation
@@ -158,18 +39,31 @@ class FixedBatches(Batches):
         return self.micro_batches[micro_step]
 
 
-def _one_sgd_step(micro_batches: list[dict[str, torch.Tensor]],
-                  normalisation: str = "tokens") -> list[torch.Tensor]:
+def _one_sgd_step(
+    micro_batches: list[dict[str, torch.Tensor]], normalisation: str = "tokens"
+) -> list[torch.Tensor]:
     """Parameters after one SGD step with lr 1: the initial weights minus the gradient."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layers=2, dim=32, n_heads=2, context=64, vocab_size=257))
     model = model.double()
-    settings = TrainSettings(max_steps=1, grad_accum=len(micro_batches), max_grad_norm=0.0,
-                             lr=1.0, schedule="constant", warmup_passes=0,
-                             loss_normalisation=normalisation)
+    settings = TrainSettings(
+        max_steps=1,
+        grad_accum=len(micro_batches),
+        max_grad_norm=0.0,
+        lr=1.0,
+        schedule="constant",
+        warmup_passes=0,
+        loss_normalisation=normalisation,
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    trainer = Trainer(model, FixedBatches(micro_batches), optimizer=optimizer, device="cpu",
-                      settings=settings, log=lambda line: None)
+    trainer = Trainer(
+        model,
+        FixedBatches(micro_batches),
+        optimizer=optimizer,
+        device="cpu",
+        settings=settings,
+        log=lambda line: None,
+    )
     trainer.train_step()
     return [p.detach().clone() for p in model.parameters()]
 
@@ -177,11 +71,13 @@ def _one_sgd_step(micro_batches: list[dict[str, torch.Tensor]],
 def test_accumulated_gradient_equals_the_whole_batch():
     tok = ByteTokenizer()
     # Replies of very different lengths: a per-micro-batch mean would weigh them wrongly.
-    examples = [render([Turn("user", f"question {i}"), Turn("assistant", "a" * (1 + 7 * i))], tok)
-                for i in range(8)]
+    examples = [
+        render([Turn("user", f"question {i}"), Turn("assistant", "a" * (1 + 7 * i))], tok)
+        for i in range(8)
+    ]
     pad = chat_ids(tok).pad
     whole = pad_batch(examples, pad)
-    micro = [pad_batch(examples[k:k + 2], pad) for k in range(0, 8, 2)]
+    micro = [pad_batch(examples[k : k + 2], pad) for k in range(0, 8, 2)]
     for batch in [whole, *micro]:
         batch.pop("attention_mask")
     one = _one_sgd_step([whole])
@@ -206,8 +102,15 @@ def test_instruction_batches_run_on_across_micro_steps_and_epochs():
 
 # ---------------------------------------------------------------------------- model and split
 def test_unpadded_vocabulary_is_extended_with_mean_rows():
-    cfg = ModelConfig(n_layers=2, dim=32, n_heads=2, context=32, vocab_size=50,
-                      pad_vocab_multiple=1, tie_embeddings=False)
+    cfg = ModelConfig(
+        n_layers=2,
+        dim=32,
+        n_heads=2,
+        context=32,
+        vocab_size=50,
+        pad_vocab_multiple=1,
+        tie_embeddings=False,
+    )
     model = Transformer(cfg)
     bigger, extended = chat_ready_model(model, tokenizer_vocab=50)
     assert extended and bigger.cfg.padded_vocab >= 54
@@ -230,9 +133,16 @@ def test_split_is_by_conversation_and_seeded():
 
 
 # ------------------------------------------------------------------------------------- the CLI
-SFT_ARGS = ("--train.batch_size=8", "--schedule.warmup_steps=2", "--train.warmup_passes=0",
-            "--log.log_every=5", "--log.plot_every=0", "--train.sample_every=0",
-            "--train.save_every=0", "--log.progress=false")
+SFT_ARGS = (
+    "--train.batch_size=8",
+    "--schedule.warmup_steps=2",
+    "--train.warmup_passes=0",
+    "--log.log_every=5",
+    "--log.plot_every=0",
+    "--train.sample_every=0",
+    "--train.save_every=0",
+    "--log.progress=false",
+)
 
 
 def _rows(run: Path) -> list[dict]:
@@ -244,8 +154,17 @@ def test_sft_runs_and_its_loss_falls(tmp_path):
     init = make_tiny_run(tmp_path / "pre")
     data = write_jsonl(tmp_path / "qa.jsonl", story_records(120))
     run = tmp_path / "sft"
-    rc = lmforge("sft", "--init-from", init, f"--run.dir={run}", f"--sft.data=stories-qa:{data}",
-                 "--train.max_steps=40", "--optim.lr=1e-2", "--train.eval_every=20", *SFT_ARGS)
+    rc = lmforge(
+        "sft",
+        "--init-from",
+        init,
+        f"--run.dir={run}",
+        f"--sft.data=stories-qa:{data}",
+        "--train.max_steps=40",
+        "--optim.lr=1e-2",
+        "--train.eval_every=20",
+        *SFT_ARGS,
+    )
     assert rc == 0
     losses = [r["loss"] for r in _rows(run) if r.get("loss") is not None]
     assert losses[-1] < 0.75 * losses[0], losses
@@ -261,8 +180,18 @@ def test_sft_extends_an_unpadded_checkpoint(tmp_path):
     init = make_tiny_run(tmp_path / "pre", pad_vocab_multiple=1)
     data = write_jsonl(tmp_path / "qa.jsonl", story_records(30))
     run = tmp_path / "sft"
-    assert lmforge("sft", "--init-from", init, f"--run.dir={run}", f"--sft.data={data}",
-                   "--train.max_steps=2", *SFT_ARGS) == 0
+    assert (
+        lmforge(
+            "sft",
+            "--init-from",
+            init,
+            f"--run.dir={run}",
+            f"--sft.data={data}",
+            "--train.max_steps=2",
+            *SFT_ARGS,
+        )
+        == 0
+    )
     state = load_checkpoint(run / "checkpoints" / "final_model.pt")
     vocab = state["config"]["model"]["vocab_size"]
     assert state["model"]["wte.weight"].shape[0] >= vocab + 4
@@ -292,17 +221,21 @@ def test_sft_refuses_a_missing_init_from(sft_inputs, capsys):
     assert "--init-from" in line
 
 
-@pytest.mark.parametrize("content, says", [
-    ('{"story": "Ben had a cup.", "question": "Who?", "answer": "Ben"\n', "not valid JSON"),
-    ('{"story": "Ben had a cup.", "question": "Who had it?"}\n', "'answer'"),
-    ("", "empty"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ('{"story": "Ben had a cup.", "question": "Who?", "answer": "Ben"\n', "not valid JSON"),
+        ('{"story": "Ben had a cup.", "question": "Who had it?"}\n', "'answer'"),
+        ("", "empty"),
+    ],
+)
 def test_sft_refuses_bad_data(sft_inputs, capsys, content, says):
     tmp_path, init, _ = sft_inputs
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content, encoding="utf-8")
-    line = _refused(tmp_path, init, capsys, "--init-from", str(init),
-                    f"--sft.data=stories-qa:{bad}")
+    line = _refused(
+        tmp_path, init, capsys, "--init-from", str(init), f"--sft.data=stories-qa:{bad}"
+    )
     assert says in line
 
 
@@ -334,8 +267,15 @@ def test_sft_never_continues_a_pretraining_run(sft_inputs, capsys):
     tmp_path, init, good = sft_inputs
     (init / "run_info.json").write_text(json.dumps({"phase": "pretrain"}), encoding="utf-8")
     before = checksums(tmp_path)
-    rc = lmforge("sft", "--init-from", init, f"--run.dir={init}", f"--sft.data={good}",
-                 *SFT_ARGS, "--train.max_steps=2")
+    rc = lmforge(
+        "sft",
+        "--init-from",
+        init,
+        f"--run.dir={init}",
+        f"--sft.data={good}",
+        *SFT_ARGS,
+        "--train.max_steps=2",
+    )
     assert rc == 2
     assert "choose a new --run.dir" in one_error_line(capsys.readouterr().err)
     assert checksums(tmp_path) == before
@@ -352,4 +292,4 @@ def test_sft_resumes_and_refuses_changed_data(tmp_path, capsys):
     assert load_checkpoint(run / "checkpoints" / "step_6.pt")["step"] == 6
     other = write_jsonl(tmp_path / "other.jsonl", story_records(30, seed=1))
     assert lmforge("sft", *common, f"--sft.data={other}", "--train.max_steps=8") == 2
-    assert "changed since the checkpoint" in one_error_line(capsys.readouterr().err)
+    assert "sft.data" in one_error_line(capsys.readouterr().err)

@@ -56,16 +56,19 @@ def test_seed_sliding_window_example(tmp_path: Path) -> None:
     assert sample["input_ids"].dtype == torch.long and sample["labels"].dtype == torch.long
 
 
-@pytest.mark.parametrize("n, max_length, stride, expected", [
-    (10, 5, 3, [0, 3, 6]),
-    (10, 5, None, [0, 5]),  # default stride = max_length: windows [0..5] and [5..9]
-    (12, 5, None, [0, 5, 10]),  # token 11 still needs predicting: a 2-token last window
-    (13, 5, None, [0, 5, 10]),  # [10, 11, 12]: a short last window
-    (11, 5, None, [0, 5]),  # [5..10] is exactly full; no 1-token window after it
-    (3, 5, 1, [0]),  # shorter than one window
-    (10, 5, 8, [0, 8]),  # stride > max_length skips tokens 6 and 7
-    (2, 1, 1, [0]),
-])
+@pytest.mark.parametrize(
+    "n, max_length, stride, expected",
+    [
+        (10, 5, 3, [0, 3, 6]),
+        (10, 5, None, [0, 5]),  # default stride = max_length: windows [0..5] and [5..9]
+        (12, 5, None, [0, 5, 10]),  # token 11 still needs predicting: a 2-token last window
+        (13, 5, None, [0, 5, 10]),  # [10, 11, 12]: a short last window
+        (11, 5, None, [0, 5]),  # [5..10] is exactly full; no 1-token window after it
+        (3, 5, 1, [0]),  # shorter than one window
+        (10, 5, 8, [0, 8]),  # stride > max_length skips tokens 6 and 7
+        (2, 1, 1, [0]),
+    ],
+)
 def test_window_starts(n: int, max_length: int, stride: int | None, expected: list[int]) -> None:
     assert window_starts(n, max_length, stride or max_length) == expected
 
@@ -151,8 +154,7 @@ def test_collate_matches_seed_table() -> None:
     batch = collate([[1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7]], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
-    assert batch["labels"].tolist() == [[2, 3, 4, -100, -100, -100, -100],
-                                        [2, 3, 4, 5, 6, 7, -100]]
+    assert batch["labels"].tolist() == [[2, 3, 4, -100, -100, -100, -100], [2, 3, 4, 5, 6, 7, -100]]
     assert all(t.dtype == torch.long for t in batch.values())
 
 
@@ -174,7 +176,8 @@ def test_pad_id_of() -> None:
 # ------------------------------------------------------------------------ create_dataloaders
 def test_create_dataloaders_seed_usage() -> None:
     train_loader, val_loader, tokenizer = create_dataloaders(
-        train_file=TRAIN, val_file=VAL, batch_size=8, max_length=32)
+        train_file=TRAIN, val_file=VAL, batch_size=8, max_length=32
+    )
     assert tokenizer.name == "word" and tokenizer.vocab_size > 10
     batch = next(iter(train_loader))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
@@ -227,10 +230,12 @@ def test_jsonl_loader_and_workers(tmp_path: Path) -> None:
     with path.open("w", encoding="utf-8") as f:
         for doc in read_documents(TRAIN):
             f.write(json.dumps({"content": doc}) + "\n")
-    loader, _, tok = create_dataloaders(path, batch_size=4, max_length=32, field="content",
-                                        num_workers=1, shuffle=False)
-    reference, _, _ = create_dataloaders(TRAIN, batch_size=4, max_length=32, tokenizer=tok,
-                                         shuffle=False)
+    loader, _, tok = create_dataloaders(
+        path, batch_size=4, max_length=32, field="content", num_workers=1, shuffle=False
+    )
+    reference, _, _ = create_dataloaders(
+        TRAIN, batch_size=4, max_length=32, tokenizer=tok, shuffle=False
+    )
     for got, want in zip(loader, reference):
         assert torch.equal(got["input_ids"], want["input_ids"])
         assert torch.equal(got["labels"], want["labels"])

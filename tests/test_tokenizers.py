@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from lmforge import tokenizers as tk
+from lmforge.chat_format import CHAT_TOKENS
+from lmforge.config import padded_vocab_size
 from lmforge.errors import UserError
 from lmforge.tokenizers import (
-    CHAT_TOKENS,
     EOT,
     check_same_tokenizer,
     get_tokenizer,
     load_tokenizer,
-    padded_vocab_size,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

@@ -34,14 +34,27 @@ def one_thread():
 
 def tiny_model(tokenizer, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    cfg = model_config("tiny", n_layers=2, dim=32, n_heads=2, context=64,
-                       vocab_size=tokenizer.vocab_size, pad_vocab_multiple=64)
+    cfg = model_config(
+        "tiny",
+        n_layers=2,
+        dim=32,
+        n_heads=2,
+        context=64,
+        vocab_size=tokenizer.vocab_size,
+        pad_vocab_multiple=64,
+    )
     return Transformer(cfg)
 
 
 def loaders(batch_size: int = 8, shuffle: bool = True, val: bool = False, seed: int = 0):
-    return create_dataloaders(TRAIN, VAL if val else None, batch_size=batch_size,
-                              max_length=MAX_LENGTH, shuffle=shuffle, seed=seed)
+    return create_dataloaders(
+        TRAIN,
+        VAL if val else None,
+        batch_size=batch_size,
+        max_length=MAX_LENGTH,
+        shuffle=shuffle,
+        seed=seed,
+    )
 
 
 def quiet_trainer(model, train_loader, val_loader=None, **kwargs) -> tuple[Trainer, list[str]]:
@@ -59,8 +72,13 @@ def params(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_basic_training_loss_falls(tmp_path: Path) -> None:
     train_loader, _, tokenizer = loaders()
     model = tiny_model(tokenizer)
-    trainer, lines = quiet_trainer(model, train_loader, checkpoint_dir=tmp_path, log_interval=2,
-                                   optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
+    trainer, lines = quiet_trainer(
+        model,
+        train_loader,
+        checkpoint_dir=tmp_path,
+        log_interval=2,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3),
+    )
     history = trainer.train(num_epochs=4)
     steps = 4 * len(train_loader)
     assert trainer.global_step == steps and trainer.current_epoch == 4
@@ -85,17 +103,23 @@ def test_default_optimizer_learns() -> None:
 def test_seed_keyword_names(tmp_path: Path) -> None:
     # The seed documents Trainer(model=..., train_dataloader=..., val_dataloader=...).
     train_loader, val_loader, tokenizer = loaders(val=True)
-    trainer = Trainer(model=tiny_model(tokenizer), train_dataloader=train_loader,
-                      val_dataloader=val_loader, device="cpu", checkpoint_dir=tmp_path,
-                      log=lambda line: None)
+    trainer = Trainer(
+        model=tiny_model(tokenizer),
+        train_dataloader=train_loader,
+        val_dataloader=val_loader,
+        device="cpu",
+        checkpoint_dir=tmp_path,
+        log=lambda line: None,
+    )
     assert trainer.validate()["loss"] > 0
 
 
 # ------------------------------------------------------------------------ example 2: validation
 def test_validate_loss_and_perplexity(tmp_path: Path) -> None:
     train_loader, val_loader, tokenizer = loaders(val=True)
-    trainer, _ = quiet_trainer(tiny_model(tokenizer), train_loader, val_loader,
-                               checkpoint_dir=tmp_path)
+    trainer, _ = quiet_trainer(
+        tiny_model(tokenizer), train_loader, val_loader, checkpoint_dir=tmp_path
+    )
     metrics = trainer.validate()
     assert set(metrics) == {"loss", "perplexity"}
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
@@ -107,8 +131,13 @@ def test_validate_loss_and_perplexity(tmp_path: Path) -> None:
 def test_training_with_validation_fills_val_history(tmp_path: Path) -> None:
     train_loader, val_loader, tokenizer = loaders(val=True)
     model = tiny_model(tokenizer)
-    trainer, lines = quiet_trainer(model, train_loader, val_loader, checkpoint_dir=tmp_path,
-                                   optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
+    trainer, lines = quiet_trainer(
+        model,
+        train_loader,
+        val_loader,
+        checkpoint_dir=tmp_path,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3),
+    )
     history = trainer.train(num_epochs=3)
     # As the seed's example zips them: one validation per epoch.
     assert len(history["val_loss"]) == 3
@@ -126,8 +155,13 @@ def test_early_stopping(tmp_path: Path) -> None:
     train_loader, val_loader, tokenizer = loaders(val=True)
     model = tiny_model(tokenizer)
     # A learning rate so small that val loss moves far less than min_delta: it cannot improve.
-    trainer, lines = quiet_trainer(model, train_loader, val_loader, checkpoint_dir=tmp_path,
-                                   optimizer=torch.optim.AdamW(model.parameters(), lr=1e-9))
+    trainer, lines = quiet_trainer(
+        model,
+        train_loader,
+        val_loader,
+        checkpoint_dir=tmp_path,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-9),
+    )
     history = trainer.train(num_epochs=50, early_stopping_patience=2)
     # Epoch 1 sets the best, epochs 2 and 3 do not improve on it: stop after epoch 3.
     assert trainer.current_epoch == 3
@@ -157,9 +191,16 @@ def test_custom_optimizer_and_criterion(tmp_path: Path) -> None:
     model = tiny_model(tokenizer)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
     criterion = nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.1)
-    trainer, _ = quiet_trainer(model, train_loader, val_loader, optimizer=optimizer,
-                               criterion=criterion, gradient_accumulation_steps=2,
-                               max_grad_norm=0.5, checkpoint_dir=tmp_path)
+    trainer, _ = quiet_trainer(
+        model,
+        train_loader,
+        val_loader,
+        optimizer=optimizer,
+        criterion=criterion,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.5,
+        checkpoint_dir=tmp_path,
+    )
     assert trainer.optimizers == [optimizer]
     history = trainer.train(num_epochs=4)
     assert optimizer.param_groups[0]["lr"] == 1.0  # the user's learning rate is kept
@@ -184,8 +225,12 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, shuffle: bool) -> None
         train_loader, _, tokenizer = loaders(batch_size=4, shuffle=shuffle)
         model = tiny_model(tokenizer)
         directory = tmp_path / f"run_{epochs_first}"
-        trainer, _ = quiet_trainer(model, train_loader, checkpoint_dir=directory,
-                                   optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
+        trainer, _ = quiet_trainer(
+            model,
+            train_loader,
+            checkpoint_dir=directory,
+            optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3),
+        )
         if epochs_first is None:
             return trainer.train(num_epochs=4), model
         trainer.train(num_epochs=epochs_first)
@@ -194,8 +239,12 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, shuffle: bool) -> None
         # A new process: new loaders, a new (differently initialised) model, a new Trainer.
         train_loader, _, tokenizer = loaders(batch_size=4, shuffle=shuffle)
         new_model = tiny_model(tokenizer, seed=123)
-        resumed, _ = quiet_trainer(new_model, train_loader, checkpoint_dir=directory,
-                                   optimizer=torch.optim.AdamW(new_model.parameters(), lr=3e-3))
+        resumed, _ = quiet_trainer(
+            new_model,
+            train_loader,
+            checkpoint_dir=directory,
+            optimizer=torch.optim.AdamW(new_model.parameters(), lr=3e-3),
+        )
         resumed.load_checkpoint(path)
         assert resumed.current_epoch == epochs_first
         assert resumed.global_step == epochs_first * len(train_loader)
@@ -213,8 +262,12 @@ def test_resume_mid_epoch(tmp_path: Path) -> None:
     def make():
         train_loader, _, tokenizer = loaders(batch_size=4, shuffle=False)
         model = tiny_model(tokenizer)
-        trainer, _ = quiet_trainer(model, train_loader, checkpoint_dir=tmp_path / "mid",
-                                   optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
+        trainer, _ = quiet_trainer(
+            model,
+            train_loader,
+            checkpoint_dir=tmp_path / "mid",
+            optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3),
+        )
         return trainer, model, len(train_loader)
 
     full, model_full, per_epoch = make()
@@ -241,9 +294,13 @@ def test_gradient_accumulation_equals_bigger_batch(tmp_path: Path) -> None:
     models = []
     for loader, accumulation in ((big_loader, 1), (small_loader, 2)):
         model = tiny_model(tokenizer)
-        trainer, _ = quiet_trainer(model, loader, gradient_accumulation_steps=accumulation,
-                                   checkpoint_dir=tmp_path / str(accumulation),
-                                   optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+        trainer, _ = quiet_trainer(
+            model,
+            loader,
+            gradient_accumulation_steps=accumulation,
+            checkpoint_dir=tmp_path / str(accumulation),
+            optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+        )
         trainer.train(max_steps=1)
         assert trainer.global_step == 1
         models.append(model)
@@ -256,8 +313,9 @@ def test_gradient_accumulation_equals_bigger_batch(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ history, checkpoints
 def test_save_history_writes_json(tmp_path: Path) -> None:
     train_loader, val_loader, tokenizer = loaders(val=True)
-    trainer, _ = quiet_trainer(tiny_model(tokenizer), train_loader, val_loader,
-                               checkpoint_dir=tmp_path)
+    trainer, _ = quiet_trainer(
+        tiny_model(tokenizer), train_loader, val_loader, checkpoint_dir=tmp_path
+    )
     history = trainer.train(num_epochs=1, early_stopping_patience=5)
     path = tmp_path / "history.json"
     trainer.save_history(path)
@@ -273,4 +331,5 @@ def test_save_every_epoch_writes_checkpoints(tmp_path: Path) -> None:
     trainer.train(num_epochs=2, save_every=1)
     per_epoch = len(train_loader)
     assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == sorted(
-        [f"step_{per_epoch}.pt", f"step_{2 * per_epoch}.pt"])
+        [f"step_{per_epoch}.pt", f"step_{2 * per_epoch}.pt"]
+    )

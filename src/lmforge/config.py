@@ -16,11 +16,8 @@ from typing import Any
 
 import yaml
 
+from lmforge.chat_format import N_CHAT_TOKENS
 from lmforge.errors import UserError
-
-# Ids the instruction template needs (<|user|>, <|assistant|>, <|end|>, <|pad|>). They live in the
-# spare rows of the padded vocabulary, so adding them never resizes the embedding.
-N_CHAT_TOKENS = 4
 
 
 def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -158,6 +155,11 @@ class TrainConfig:
     )
     threads: int = opt(0, "CPU threads (0 = physical cores)")
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
+    max_skipped_steps: int = opt(
+        10,
+        "stop after this many steps in a row whose gradient norm is not finite (each such "
+        "update is skipped, never applied or saved)",
+    )
     save_every: int = opt(500, "checkpoint every N steps (0 = only at the end)")
     save_every_minutes: float = opt(10.0, "also checkpoint when this many minutes passed (0 = off)")
     keep_last: int = opt(5, "step checkpoints to keep (best.pt and final_model.pt are extra)")
@@ -177,8 +179,9 @@ class TrainConfig:
     )
     warmup_passes: int = opt(3, "untimed forward/backward passes before timing starts")
     activation_checkpointing: bool = opt(False, "recompute block activations in backward")
-    distributed: str = opt("ddp", "under torchrun: ddp, or fsdp (FSDP2 fully_shard)",
-                           ("ddp", "fsdp"))
+    distributed: str = opt(
+        "ddp", "under torchrun: ddp, or fsdp (FSDP2 fully_shard)", ("ddp", "fsdp")
+    )
     init_from: str = opt("", "start from these weights (checkpoint, run folder or HF folder)")
 
 
@@ -497,10 +500,9 @@ def validate(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    from lmforge.files import write_atomic
+
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_help() -> str:

@@ -118,7 +118,61 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def environment() -> dict[str, str]:
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cpu_peak_flops(dtype: str = "fp32", remeasure: bool = False) -> float:
+    """The CPU's dense matmul rate in FLOP/s at this thread count, for fp32 or bf16: what MFU is
+    measured against on a CPU (no datasheet gives an honest figure for one).
+
+    Measured once per machine (2048 x 2048 matmuls, best of a few, under a second per dtype) and
+    cached in ~/.cache/lmforge/cpu_peak.json, keyed by CPU model, threads and torch version.
+    """
+    import json
+    import time
+
+    kind = "bf16" if dtype in ("bf16", "fp16") else "fp32"
+    key = f"{_cpu_model()} | threads {torch.get_num_threads()} | torch {torch.__version__} | {kind}"
+    cache_dir = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(cache_dir, "lmforge", "cpu_peak.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+    except (OSError, ValueError):
+        cached = {}
+    if not remeasure and isinstance(cached.get(key), (int, float)):
+        return float(cached[key])
+    n = 2048
+    a = torch.randn(n, n, dtype=DTYPES[kind])
+    b = torch.randn(n, n, dtype=DTYPES[kind])
+    a @ b  # warm-up: thread pool, packing buffers
+    best, deadline = float("inf"), time.perf_counter() + 0.6
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    peak = 2 * n**3 / best
+    cached[key] = peak
+    try:
+        from lmforge.files import write_json
+
+        write_json(path, cached)
+    except Exception:  # a read-only home: measured again next time, nothing worse
+        pass
+    return peak
+
+
+def environment(remeasure: bool = False) -> dict[str, str]:
     """What `lmforge env` prints."""
     precision = pick()
     flash = "no CUDA device"
@@ -142,9 +196,18 @@ def environment() -> dict[str, str]:
         "flash attention": flash,
         "cuda": torch.version.cuda or "none",
         "mps": str(torch.backends.mps.is_available()),
-        "cpu bf16": (f"native ({bf16_flag}): --train.dtype=bf16 is faster on CPU"
-                     if bf16_flag else "not native (fp32 is fastest on CPU)"),  # fmt: skip
+        "cpu bf16": (
+            f"native ({bf16_flag}): --train.dtype=bf16 is faster on CPU"
+            if bf16_flag
+            else "not native (fp32 is fastest on CPU)"
+        ),  # fmt: skip
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    else:
+        peaks = [
+            f"{kind} {cpu_peak_flops(kind, remeasure) / 1e9:,.0f}" for kind in ("fp32", "bf16")
+        ]
+        info["cpu peak"] = (f"{', '.join(peaks)} GFLOP/s (2048^2 matmul, {torch.get_num_threads()} "
+                            "threads; MFU on this CPU is measured against it)")  # fmt: skip
     return info

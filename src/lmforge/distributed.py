@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from lmforge.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -45,6 +51,36 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's collectives run: its GPU under nccl, else the CPU."""
+        if self.backend == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+class PeerFailed(UserError):
+    """Another rank refused the run; that rank's message says why (this one prints nothing)."""
+
+
+def agree(d: Dist, work: Callable[[], T]) -> T:
+    """Run `work` on every rank; if it raises a UserError on any rank, every rank stops (the
+    ranks that failed with their own message, the others with PeerFailed) instead of the others
+    waiting forever at the next collective."""
+    if not d.enabled:
+        return work()
+    error, result = None, None
+    try:
+        result = work()
+    except UserError as e:
+        error = e
+    failed = d.all_reduce_sum([float(error is not None)], d.device)[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise PeerFailed("stopped: another rank refused the run (see its message)")
+    return result  # type: ignore[return-value]
 
 
 def setup(strategy: str = "ddp", device_type: str | None = None) -> Dist:

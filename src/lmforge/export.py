@@ -16,7 +16,6 @@ config alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -28,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.chat_format import CHAT_TEMPLATE, CHAT_TOKENS
 from lmforge.config import ModelConfig, model_config_from_dict
+from lmforge.device import DTYPES
 from lmforge.errors import UserError
 from lmforge.model import Transformer
 from lmforge.tokenizers import (
-    CHAT_TOKENS,
     EOT,
     BPETokenizer,
     ByteTokenizer,
@@ -43,27 +43,10 @@ from lmforge.tokenizers import (
 )
 
 FORMATS = ("hf", "gguf")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_FILE = "config.json"
 # The config.json block that lets load_hf_folder rebuild the exact ModelConfig.
 LMFORGE_KEY = "lmforge"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "GPT2LMHeadModel")
-# Jinja chat template of lmforge's instruction format (`lmforge.data.instruct.render`): system
-# messages are folded into the first user turn (joined by a blank line), as `read_chat` does.
-CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system='') -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{%- set ns.system = ns.system + ('\n\n' if ns.system else '') + message['content'] -%}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "<|assistant|>{{ message['content'] }}<|end|>"
-    "{%- else -%}"
-    "<|user|>{{ (ns.system + '\n\n' + message['content']) if ns.system else message['content'] }}"
-    "<|end|>{%- set ns.system = '' -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +569,7 @@ def export_hf(
     cfg = model.cfg
     _check_exportable(cfg)
     out = Path(out)
-    _refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite)
     with_chat = _has_chat_ids(cfg, tokenizer)
     config = hf_config(cfg, tokenizer, dtype)
     end_id = tokenizer.special_ids["<|end|>"]
@@ -620,7 +603,8 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """A non-empty output is never written into without --overwrite."""
     if out.exists() and not overwrite:
         if out.is_file() or any(out.iterdir()):
             raise UserError(
@@ -722,7 +706,7 @@ def export_gguf(
     _check_exportable(cfg)
     out = Path(out)
     if out.suffix != ".gguf":
-        _refuse_existing(out, overwrite)
+        refuse_existing(out, overwrite)
         out = out / "model.gguf"
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; choose a new --out or pass --overwrite")
@@ -830,82 +814,3 @@ def gguf_tensors(model: Transformer) -> list[tuple[str, np.ndarray]]:
     if not cfg.tie_embeddings:
         out.append(("output.weight", sd["lm_head.weight"]))
     return [(name, np.ascontiguousarray(array)) for name, array in out]
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of `lmforge export`."""
-    p.add_argument(
-        "checkpoint",
-        metavar="CKPT_OR_RUN",
-        help="checkpoint file or run folder (its best.pt, else final_model.pt, else newest step)",
-    )
-    p.add_argument(
-        "--format",
-        choices=FORMATS,
-        default="hf",
-        help="hf: Hugging Face folder (transformers); gguf: one file for llama.cpp",
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        metavar="PATH",
-        help="output folder (hf), or a .gguf file / folder for model.gguf (gguf)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=tuple(DTYPES),
-        default="fp32",
-        help="weight precision in the file (gguf: fp32 or fp16; bf16 only for hf)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace files in an existing output (default: refuse a non-empty --out)",
-    )
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """`lmforge export`: load the checkpoint and its tokenizer, write the chosen format."""
-    from lmforge.train.checkpoint import load_model, load_run_tokenizer
-
-    if args.format == "gguf" and args.dtype == "bf16":
-        raise UserError("--dtype bf16 is for --format hf; use fp32 or fp16 with gguf")
-    out = Path(args.out)
-    # Refuse before loading anything: a clear answer fast, and nothing touched.
-    _refuse_existing(out, args.overwrite)
-    model, state = load_model(args.checkpoint)
-    tokenizer = load_run_tokenizer(state)
-    sft = state.get("phase") == "sft"
-    source = {"source_checkpoint": state.get("path"), "phase": state.get("phase", "pretrain")}
-    if args.format == "hf":
-        written = export_hf(
-            model,
-            tokenizer,
-            out,
-            sft=sft,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            source=source,
-        )
-        print(
-            f"wrote {len(written)} files to {out} (Hugging Face {model.cfg.block} model, "
-            f"{args.dtype}); load with AutoModelForCausalLM.from_pretrained('{out}')"
-        )
-    else:
-        path = export_gguf(
-            model,
-            tokenizer,
-            out,
-            sft=sft,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            name=Path(state["path"]).stem,
-        )
-        print(
-            f"wrote {path} ({path.stat().st_size:,} bytes, GGUF "
-            f"{'llama' if model.cfg.block == 'llama' else 'gpt2'}, {args.dtype})"
-        )
-    return 0

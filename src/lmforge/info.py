@@ -150,3 +150,15 @@ def model_info_text(name: str, cfg: ModelConfig, batch: int, context: int, dtype
         f"   (plain: {human_bytes(mem.total_plain)})",
     ]
     return "\n".join(lines)
+
+
+def model_summary(cfg: ModelConfig) -> str:
+    """One line: '597,120 parameters (llama, 4x96, 6 heads, context 256, vocab 51 padded to 64)'."""
+    heads = f"{cfg.n_heads} heads" + (
+        f" ({cfg.kv_heads} kv)" if cfg.kv_heads != cfg.n_heads else ""
+    )
+    canon = f", canon {cfg.canon}" if cfg.canon else ""
+    return (
+        f"{count_parameters(cfg):,} parameters ({cfg.block}, {cfg.n_layers}x{cfg.dim}, {heads}"
+        f"{canon}, context {cfg.context}, vocab {cfg.vocab_size} padded to {cfg.padded_vocab})"
+    )

@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.chat_format import IGNORE_INDEX
 from lmforge.config import ModelConfig
-from lmforge.loss import IGNORE_INDEX, chunked_cross_entropy
+from lmforge.loss import chunked_cross_entropy
 
 
 class RMSNorm(nn.Module):

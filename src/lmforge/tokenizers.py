@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.chat_format import CHAT_TOKENS
+from lmforge.config import padded_vocab_size
 from lmforge.errors import UserError
 
 EOT = "<|endoftext|>"
-CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>", "<|pad|>")
 TOKENIZER_NAMES = ("gpt2", "bpe:N", "char", "byte", "word", "word:N")
 VOCAB_FILE = "vocab.json"  # char and word vocabularies
 BPE_FILE = "tokenizer.json"  # Hugging Face tokenizers format
@@ -38,12 +39,6 @@ BPE_MIN_VOCAB = 256 + 1  # every byte + eot
 # character, so joining the pieces gives back the text exactly.
 WORD_SPLIT = re.compile(r"\w+|[^\w\s]|\s+")
 WORD_SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
-
-
-def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
-    """Vocabulary rows the model allocates: real ids + chat tokens, rounded up to ``multiple``."""
-    needed = vocab_size + len(CHAT_TOKENS)
-    return -(-needed // multiple) * multiple
 
 
 def _sha256(data: bytes) -> str:
@@ -126,10 +121,10 @@ class Tokenizer(ABC):
         vocab = self._vocab_file()
         if vocab is None:
             return []
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        from lmforge.files import write_atomic
+
         file_name, data = vocab
-        (directory / file_name).write_bytes(data)
+        write_atomic(Path(directory) / file_name, data)
         return [file_name]
 
     def identity(self) -> dict[str, Any]:

@@ -6,20 +6,11 @@ The pieces, in the order a run uses them:
    Alpaca JSON/JSONL, SQuAD v1.1/v2.0, DailyDialog (``__eou__`` text or ``dialog`` lists),
    generic chat JSONL (``{"messages": [...]}``) and lmforge's built-in story Q&A JSONL.
    ``load_sources`` reads a comma-separated list of files/folders and mixes them by weight.
-2. ``render`` is the ONE place where the prompt template lives, and it builds the loss labels in
-   the same pass, so the template and the mask cannot drift apart::
-
-       <|user|> user text <|end|> <|assistant|> reply text <|end|> <|user|> ...
-
-   Label convention -- **labels are aligned with ids**: ``labels[i]`` is the token that position
-   ``i`` should predict, i.e. ``ids[i + 1]`` when that next token is assistant content or the
-   ``<|end|>`` closing an assistant turn, and ``-100`` otherwise (user text, role tokens, the
-   user's ``<|end|>``, the last position, padding). The trainer therefore compares ``logits[:, i]``
-   with ``labels[:, i]`` directly and must NOT shift again.
+2. ``render_all`` renders them with the one template (``lmforge.chat_format.render``: ids and
+   loss labels in one pass, labels aligned with ids).
 3. ``pad_batch`` (right padding) and ``pack_examples`` (several examples per row, with
-   ``position_ids`` restarting per example and ``doc_ids`` so that ``packed_attention_mask``
-   forbids attention across examples) make tensors; ``SFTBatches`` serves them in a
-   deterministic, resumable order.
+   ``position_ids`` restarting per example and ``doc_ids`` that keep attention inside each
+   example) make tensors; ``SFTBatches`` serves them in a deterministic, resumable order.
 """
 
 from __future__ import annotations
@@ -32,11 +23,12 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from lmforge.chat_format import IGNORE_INDEX, Conversation, Example, Turn, render
 from lmforge.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -44,15 +36,8 @@ log = logging.getLogger(__name__)
 #: The assistant reply for SQuAD v2.0 questions the context cannot answer (``is_impossible``).
 REFUSAL = "I cannot answer that from the text."
 
-#: Loss label for positions that carry no loss (PyTorch's ``cross_entropy`` default ignore_index).
-IGNORE_INDEX = -100
-
 #: Names accepted as ``FORMAT:`` in a data spec, and returned by ``detect_format``.
 FORMATS = ("alpaca", "squad", "dailydialog", "chat", "stories-qa")
-
-# Same order and meaning as ``lmforge.tokenizers.CHAT_TOKENS``; repeated here so that this module
-# (and its tests) work against any tokenizer object with the documented interface.
-_CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>", "<|pad|>")
 
 _SKIP_HINT = "fix it or pass --sft.skip_bad=true to skip malformed records"
 _PLAIN_TEXT_HINT = (
@@ -60,31 +45,6 @@ _PLAIN_TEXT_HINT = (
     "format as FORMAT:PATH if it was misdetected, or pass --sft.allow_plain_text=true to train "
     "on the plain text anyway"
 )
-
-Role = Literal["user", "assistant"]
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One message of a conversation."""
-
-    role: Role
-    """Who speaks: ``"user"`` or ``"assistant"`` (a chat file's system message is folded into the
-    first user turn by ``read_chat``)."""
-    content: str
-    """The message text, exactly as it will be encoded."""
-    references: tuple[str, ...] = ()
-    """Every acceptable answer when the dataset lists several (SQuAD); used by ``lmforge eval``
-    for exact-match/F1. Empty means ``content`` is the only reference."""
-
-    def __post_init__(self) -> None:
-        if self.role not in ("user", "assistant"):
-            raise ValueError(f"Turn.role must be 'user' or 'assistant', not {self.role!r}")
-
-
-Conversation = list[Turn]
-Example = tuple[list[int], list[int]]
-"""A rendered conversation: ``(ids, labels)`` of equal length, labels aligned with ids."""
 
 
 class Conversations(list):
@@ -664,64 +624,33 @@ def load_sources(
     return mixed
 
 
+def check_data_tokenizer(spec: str, identity: dict[str, Any]) -> None:
+    """Refuse prepared token folders (already tokenized, no roles) and files that sit in a folder
+    prepared with another tokenizer than the model's; raw instruction files are encoded with the
+    model's tokenizer."""
+    from lmforge.tokenizers import check_same_tokenizer
+
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        _, path = _parse_spec_item(item)
+        if path.is_dir() and (path / "meta.json").is_file():
+            raise UserError(
+                f"{path} is a prepared token folder (train.bin): instruction data is read from "
+                f"JSON/JSONL files; name them, e.g. stories-qa:{path / 'qa_train.jsonl'}"
+            )
+        meta = path.parent / "meta.json"
+        if not path.is_file() or not meta.is_file():
+            continue
+        try:
+            declared = json.loads(meta.read_text(encoding="utf-8")).get("tokenizer")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+        if declared:
+            check_same_tokenizer(identity, declared, f"the model and {meta}")
+
+
 # --------------------------------------------------------------------------------------------
 # The template and its loss labels
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ChatIds:
-    """Ids of the template's special tokens for one tokenizer."""
-
-    user: int
-    assistant: int
-    end: int
-    pad: int
-
-
-def chat_ids(tokenizer: Any) -> ChatIds:
-    """The template token ids: from ``tokenizer.special_ids`` when listed there, else the
-    documented convention ``vocab_size + i`` (the spare ids of the padded vocabulary)."""
-    special = getattr(tokenizer, "special_ids", None) or {}
-    ids = [special.get(name, tokenizer.vocab_size + i) for i, name in enumerate(_CHAT_TOKENS)]
-    return ChatIds(*ids)
-
-
-def render(conversation: Conversation, tokenizer: Any, max_len: int | None = None) -> Example:
-    """Render a conversation to ``(ids, labels)``: the template and the loss mask in one pass.
-
-    Template, per turn: ``<|user|> text <|end|>`` or ``<|assistant|> text <|end|>`` (no final
-    eot). Labels are aligned with ids: ``labels[i] = ids[i + 1]`` when ``ids[i + 1]`` is an
-    assistant content token or the ``<|end|>`` closing an assistant turn, else ``-100``; so the
-    last position is always -100. ``max_len`` keeps the first ``max_len`` tokens (the label of the
-    new last position is set to -100 because its target was cut). Nothing is dropped here; see
-    ``render_all`` for dropping conversations left with no labels.
-    """
-    tok = chat_ids(tokenizer)
-    ids: list[int] = []
-    labels: list[int] = []
-    for turn in conversation:
-        content = tokenizer.encode(turn.content)
-        if turn.role == "assistant":
-            # <|assistant|> predicts the first content token, ..., the last content token
-            # predicts <|end|>; <|end|> itself predicts the next role token: no loss.
-            ids += [tok.assistant, *content, tok.end]
-            labels += [*content, tok.end, IGNORE_INDEX]
-        else:
-            ids += [tok.user, *content, tok.end]
-            labels += [IGNORE_INDEX] * (len(content) + 2)
-    if max_len is not None and len(ids) > max_len:
-        ids, labels = ids[:max_len], labels[:max_len]
-        if labels:
-            labels[-1] = IGNORE_INDEX
-    return ids, labels
-
-
-def render_prompt(conversation_so_far: Conversation, tokenizer: Any) -> list[int]:
-    """Ids to generate the next assistant reply from: the template of the turns so far, then
-    ``<|assistant|>``. Generation should stop at ``<|end|>``."""
-    ids, _ = render(conversation_so_far, tokenizer)
-    return ids + [chat_ids(tokenizer).assistant]
 
 
 @dataclass
@@ -804,7 +733,8 @@ def pack_examples(
     examples longer than ``seq_len`` are truncated. Each row is a dict of 1-D LongTensors of
     length ``seq_len``: ``input_ids``, ``labels``, ``position_ids`` (restarting at 0 for each
     example, so positions match the example alone) and ``doc_ids`` (0, 1, ... per example in the
-    row, -1 on padding) for ``packed_attention_mask``. Examples keep their order within a row.
+    row, -1 on padding), which keep attention inside each example. Examples keep their order
+    within a row.
     """
     rows: list[list[Example]] = []
     used: list[int] = []
@@ -851,22 +781,6 @@ def pack_examples(
     return packed
 
 
-def packed_attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask from segment ids: (B, T) or (T,) -> BoolTensor (B, 1, T, T).
-
-    True means "may attend" (the ``attn_mask`` convention of
-    ``torch.nn.functional.scaled_dot_product_attention``): a query sees keys at or before it
-    with the same doc id. Padding (doc id -1) sees only padding, so no row is fully masked
-    (which would make softmax produce NaN).
-    """
-    if doc_ids.dim() == 1:
-        doc_ids = doc_ids.unsqueeze(0)
-    T = doc_ids.shape[-1]
-    same_doc = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return (same_doc & causal).unsqueeze(1)  # (B, 1, T, T)
-
-
 class SFTBatches:
     """Deterministic, resumable batches for instruction tuning.
 
@@ -877,8 +791,8 @@ class SFTBatches:
     may be smaller than ``batch_size``.
 
     Unpacked batches come from ``pad_batch`` (``input_ids``, ``labels``, ``attention_mask``);
-    packed batches have ``input_ids``, ``labels``, ``position_ids``, ``doc_ids`` (B, seq_len);
-    build the attention mask with ``packed_attention_mask(batch["doc_ids"])``.
+    packed batches have ``input_ids``, ``labels``, ``position_ids``, ``doc_ids`` (B, seq_len),
+    which the model turns into a mask that keeps attention inside each example.
     """
 
     def __init__(

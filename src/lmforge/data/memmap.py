@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.chat_format import IGNORE_INDEX
 from lmforge.errors import UserError
-from lmforge.loss import IGNORE_INDEX
 
 MODES = ("random", "epoch", "doc")
 SCAN_TOKENS = 1 << 26  # document starts are found 64 M tokens at a time: flat memory

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lmforge.chat_format import IGNORE_INDEX
 from lmforge.data.prepare import split_documents
 from lmforge.errors import UserError
-from lmforge.loss import IGNORE_INDEX
 from lmforge.tokenizers import Tokenizer, get_tokenizer, needs_training
 
 JSONL_SUFFIXES = (".jsonl",)
@@ -47,8 +47,9 @@ def read_documents(file_path: str | Path, field: str = "text") -> list[str]:
     try:
         text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 at byte offset {e.start}; convert the file to UTF-8"
-                        ) from None
+        raise UserError(
+            f"{path}: not UTF-8 at byte offset {e.start}; convert the file to UTF-8"
+        ) from None
     if path.suffix.lower() in JSONL_SUFFIXES:
         documents = _jsonl_documents(text, path, field)
     else:
@@ -67,8 +68,9 @@ def _jsonl_documents(text: str, path: Path, field: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object"
-                            ) from None
+            raise UserError(
+                f"{where}: not valid JSON ({e.msg}); each line must be one JSON object"
+            ) from None
         if not isinstance(record, dict) or field not in record:
             raise UserError(f'{where}: no "{field}" field; pass field="NAME" for the text field')
         value = record[field]
@@ -118,8 +120,14 @@ class TextDataset(Dataset):
     ``T == max_length`` except possibly for the last sample (see ``window_starts``).
     """
 
-    def __init__(self, file_path: str | Path, tokenizer: Tokenizer, max_length: int = 512,
-                 stride: int | None = None, field: str = "text") -> None:
+    def __init__(
+        self,
+        file_path: str | Path,
+        tokenizer: Tokenizer,
+        max_length: int = 512,
+        stride: int | None = None,
+        field: str = "text",
+    ) -> None:
         if max_length < 1:
             raise UserError(f"max_length must be at least 1 (got {max_length})")
         stride = max_length if stride is None else stride
@@ -137,12 +145,15 @@ class TextDataset(Dataset):
         self.tokens = torch.tensor(ids, dtype=torch.long)
         self.starts = window_starts(len(ids), max_length, stride)
         if not self.starts:
-            raise UserError(f"{self.file_path} has too little text: it encodes to {len(ids)} "
-                            "token(s), and a sample needs at least 2")
+            raise UserError(
+                f"{self.file_path} has too little text: it encodes to {len(ids)} "
+                "token(s), and a sample needs at least 2"
+            )
 
     @classmethod
-    def from_tokens(cls, tokens: Sequence[int], max_length: int = 512,
-                    stride: int | None = None) -> TextDataset:
+    def from_tokens(
+        cls, tokens: Sequence[int], max_length: int = 512, stride: int | None = None
+    ) -> TextDataset:
         """A dataset over an already tokenized stream (tests, tools); no file, no tokenizer."""
         self = cls.__new__(cls)
         self.file_path, self.tokenizer, self.documents = None, None, 0
@@ -158,7 +169,7 @@ class TextDataset(Dataset):
     def window(self, index: int) -> torch.Tensor:
         """The tokens of sample ``index``: its inputs followed by the last target."""
         start = self.starts[index]
-        return self.tokens[start:start + self.max_length + 1]
+        return self.tokens[start : start + self.max_length + 1]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= index < len(self):
@@ -167,8 +178,10 @@ class TextDataset(Dataset):
         return {"input_ids": window[:-1].clone(), "labels": window[1:].clone()}
 
     def __repr__(self) -> str:
-        return (f"TextDataset({self.file_path}, {len(self)} samples, {len(self.tokens)} tokens, "
-                f"max_length={self.max_length}, stride={self.stride})")
+        return (
+            f"TextDataset({self.file_path}, {len(self)} samples, {len(self.tokens)} tokens, "
+            f"max_length={self.max_length}, stride={self.stride})"
+        )
 
 
 # ---------------------------------------------------------------------------------- batching
@@ -180,8 +193,9 @@ def pad_id_of(tokenizer: Tokenizer) -> int:
     return int(pad) if pad is not None else int(tokenizer.eot_id)
 
 
-def collate(batch: Sequence[Mapping[str, Any] | Sequence[int] | torch.Tensor],
-            pad_id: int = 0) -> dict[str, torch.Tensor]:
+def collate(
+    batch: Sequence[Mapping[str, Any] | Sequence[int] | torch.Tensor], pad_id: int = 0
+) -> dict[str, torch.Tensor]:
     """Right-pad samples to the longest one.
 
     A sample is a dict with ``input_ids`` (and usually ``labels``, aligned with them, as
@@ -206,8 +220,9 @@ def collate(batch: Sequence[Mapping[str, Any] | Sequence[int] | torch.Tensor],
             ids = torch.as_tensor(sample, dtype=torch.long)
             labels = _shifted(ids)
         if labels.shape != ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(ids.shape)} "
-                             "differ in shape")
+            raise ValueError(
+                f"labels {tuple(labels.shape)} and input_ids {tuple(ids.shape)} differ in shape"
+            )
         inputs.append(ids)
         targets.append(labels)
     width = max(len(ids) for ids in inputs)
@@ -215,9 +230,9 @@ def collate(batch: Sequence[Mapping[str, Any] | Sequence[int] | torch.Tensor],
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     for row, (ids, target) in enumerate(zip(inputs, targets)):
-        input_ids[row, :len(ids)] = ids
-        attention_mask[row, :len(ids)] = 1
-        labels[row, :len(ids)] = target
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = target
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -254,8 +269,7 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n_samples
 
 
-def _resolve_tokenizer(tokenizer: str | Tokenizer, train_file: str | Path,
-                       field: str) -> Tokenizer:
+def _resolve_tokenizer(tokenizer: str | Tokenizer, train_file: str | Path, field: str) -> Tokenizer:
     if not isinstance(tokenizer, str):
         return tokenizer
     # Corpus-built vocabularies (word, char, bpe:N) come from the train file's documents.
@@ -263,11 +277,19 @@ def _resolve_tokenizer(tokenizer: str | Tokenizer, train_file: str | Path,
     return get_tokenizer(tokenizer, texts)
 
 
-def create_dataloaders(train_file: str | Path, val_file: str | Path | None = None,
-                       batch_size: int = 8, max_length: int = 512, stride: int | None = None,
-                       tokenizer: str | Tokenizer = "word", num_workers: int = 0, seed: int = 0,
-                       shuffle: bool = True, field: str = "text", drop_last: bool = False,
-                       ) -> tuple[DataLoader, DataLoader | None, Tokenizer]:
+def create_dataloaders(
+    train_file: str | Path,
+    val_file: str | Path | None = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+    stride: int | None = None,
+    tokenizer: str | Tokenizer = "word",
+    num_workers: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+    field: str = "text",
+    drop_last: bool = False,
+) -> tuple[DataLoader, DataLoader | None, Tokenizer]:
     """``(train_loader, val_loader, tokenizer)`` over ``TextDataset``s with padding ``collate``.
 
     ``tokenizer`` is a name (``word``, ``word:N``, ``char``, ``bpe:N`` are built from the train
@@ -284,13 +306,20 @@ def create_dataloaders(train_file: str | Path, val_file: str | Path | None = Non
     sampler = EpochShuffleSampler(len(train_set), seed) if shuffle else None
     # The loader's own generator (its workers' base seed) is seeded too and kept apart from the
     # global RNG, so iterating it never changes what the model's dropout draws.
-    loader_kw: dict[str, Any] = dict(batch_size=batch_size, collate_fn=collate_fn,
-                                     num_workers=num_workers)
-    train_loader = DataLoader(train_set, sampler=sampler, drop_last=drop_last,
-                              generator=torch.Generator().manual_seed(seed), **loader_kw)
+    loader_kw: dict[str, Any] = dict(
+        batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers
+    )
+    train_loader = DataLoader(
+        train_set,
+        sampler=sampler,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        **loader_kw,
+    )
     val_loader = None
     if val_file is not None:
         val_set = TextDataset(val_file, tok, max_length, stride, field)
-        val_loader = DataLoader(val_set, shuffle=False,
-                                generator=torch.Generator().manual_seed(seed), **loader_kw)
+        val_loader = DataLoader(
+            val_set, shuffle=False, generator=torch.Generator().manual_seed(seed), **loader_kw
+        )
     return train_loader, val_loader, tok

@@ -6,22 +6,46 @@ Also the two numbers the trainer needs to report efficiency: FLOPs per token and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 import os
 import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge.errors import UserError
 
-# The fixed column order of logs/training_metrics.csv (scripts and `lmforge report` rely on it).
-COLUMNS = (
-    "step", "tokens_seen", "elapsed_s", "loss", "lr", "grad_norm", "ms_per_step",
-    "tokens_per_s", "mfu", "memory_mb", "val_loss", "val_ppl",
-)  # fmt: skip
+
+@dataclass
+class MetricsRow:
+    """One logged step: its fields are the columns of logs/training_metrics.csv, in order (scripts
+    and `lmforge report` rely on them). Train rows have `loss`; eval rows have `val_loss`; a step
+    that is both has both. None is an empty cell."""
+
+    step: int
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    ms_per_step: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    memory_mb: float | None = None
+    val_loss: float | None = None
+    val_ppl: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(MetricsRow))
 CSV_NAME, JSONL_NAME, LOG_NAME = "training_metrics.csv", "metrics.jsonl", "training.log"
+SAMPLES_NAME = "samples.txt"
 
 
 def _compact(value: Any) -> Any:
@@ -52,42 +76,47 @@ def _kept(value: Any, resume_step: int) -> bool:
 
 
 class MetricsWriter:
-    """Appends one row per logged step to the CSV and JSONL files, flushed at once.
+    """A run's log files: training.log (the printed lines), training_metrics.csv and metrics.jsonl
+    (one row per logged step), samples.txt, and TensorBoard scalars when asked for.
 
-    Flushing after each row means a crashed or killed process loses nothing it wrote (a power cut
-    can still lose what the OS had buffered; the resume truncation below copes with either).
+    Each row and line is flushed at once, so a crashed process loses nothing it wrote; `sync()`
+    (called for every checkpoint) also fsyncs them and returns each file's length, which the
+    checkpoint records. A run resumed from that checkpoint cuts every file back to those lengths
+    (`offsets`): what the earlier process logged after its checkpoint is written again by the
+    resumed one, so nothing is repeated or torn. Checkpoints without offsets (older lmforge) cut the
+    CSV and JSONL rows after `start_step`.
 
-    * `resume_step=k`: rows with step > k (logged after the checkpoint we resume from) are dropped,
-      because the resumed run writes them again; the files are rewritten atomically.
-    * `fresh=True`: existing files are moved aside to `*.old`, never deleted.
-    * neither, with files present: UserError — silently appending to or wiping an earlier run's
-      logs would both be wrong, so the caller must choose.
+    A new run (`start_step=0`, no offsets) in a folder that holds log files of an earlier attempt
+    that never reached a checkpoint moves them into `logs/earlier-YYYYMMDD-HHMMSS/`, never deletes.
     """
 
     def __init__(
         self,
         log_dir: str | Path,
-        resume_step: int | None = None,
+        start_step: int = 0,
+        offsets: dict[str, int] | None = None,
         tensorboard: bool = False,
-        fresh: bool = False,
+        purge_step: int | None = None,
     ) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.log_dir / CSV_NAME
         self.jsonl_path = self.log_dir / JSONL_NAME
         self.log_path = self.log_dir / LOG_NAME
-        existing = [p for p in (self.csv_path, self.jsonl_path) if p.exists()]
-        if resume_step is not None:
-            self._truncate_after(resume_step)
-        elif fresh:
-            for path in (*existing, self.log_path):
+        self.samples_path = self.log_dir / SAMPLES_NAME
+        self.moved_aside: Path | None = None
+        paths = (self.csv_path, self.jsonl_path, self.log_path, self.samples_path)
+        if offsets:
+            for path in paths:
+                _cut(path, offsets.get(path.name, 0))
+        elif start_step:
+            self._truncate_after(start_step)
+        elif any(p.exists() for p in paths):
+            self.moved_aside = self.log_dir / f"earlier-{time.strftime('%Y%m%d-%H%M%S')}"
+            self.moved_aside.mkdir(exist_ok=True)
+            for path in paths:
                 if path.exists():
-                    os.replace(path, path.with_name(path.name + ".old"))
-        elif existing:
-            raise UserError(
-                f"{existing[0]} already holds an earlier run's metrics: resume that run "
-                "(train.resume=auto) or use a new run.dir"
-            )
+                    os.replace(path, self.moved_aside / path.name)
         new_csv = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
         self._csv = open(self.csv_path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         self._csv_writer = csv.DictWriter(
@@ -98,10 +127,17 @@ class MetricsWriter:
             self._csv.flush()
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
         self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
-        self._tb = _open_tensorboard(self.log_dir.parent / "tensorboard") if tensorboard else None
+        self._samples = open(self.samples_path, "a", encoding="utf-8")  # noqa: SIM115
+        files = (self._csv, self._jsonl, self._log, self._samples)
+        self._files = {p.name: f for p, f in zip(paths, files)}
+        self._tb = None
+        if tensorboard:
+            self._tb = _open_tensorboard(self.log_dir.parent / "tensorboard", purge_step)
 
     def _truncate_after(self, step: int) -> None:
         """Keep only rows with step <= `step`; written to a temp file then renamed over."""
+        from lmforge.files import write_atomic
+
         if self.csv_path.exists():
             with open(self.csv_path, newline="", encoding="utf-8") as f:
                 rows = [r for r in csv.DictReader(f) if _kept(r.get("step"), step)]
@@ -109,7 +145,7 @@ class MetricsWriter:
             writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
             writer.writeheader()
             writer.writerows({k: row.get(k) or "" for k in COLUMNS} for row in rows)
-            _atomic_write(self.csv_path, buf.getvalue())
+            write_atomic(self.csv_path, buf.getvalue())
         if self.jsonl_path.exists():
             kept = []
             for line in self.jsonl_path.read_text(encoding="utf-8").splitlines():
@@ -118,18 +154,19 @@ class MetricsWriter:
                         kept.append(line + "\n")
                 except (json.JSONDecodeError, AttributeError):
                     continue
-            _atomic_write(self.jsonl_path, "".join(kept))
+            write_atomic(self.jsonl_path, "".join(kept))
 
-    def write(self, row: dict[str, Any]) -> None:
+    def write(self, row: MetricsRow | dict[str, Any]) -> None:
         """One logged step. Keys outside COLUMNS go to the JSONL only; None is an empty cell."""
-        self._csv_writer.writerow({k: _cell(row.get(k)) for k in COLUMNS})
+        values = row.as_dict() if isinstance(row, MetricsRow) else row
+        self._csv_writer.writerow({k: _cell(values.get(k)) for k in COLUMNS})
         self._csv.flush()
-        full = {**dict.fromkeys(COLUMNS), **row}  # the CSV's columns, then any extras
+        full = {**dict.fromkeys(COLUMNS), **values}  # the CSV's columns, then any extras
         self._jsonl.write(json.dumps({k: _compact(v) for k, v in full.items()}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            step = int(row["step"])
-            for key, value in row.items():
+            step = int(values["step"])
+            for key, value in values.items():
                 numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if key != "step" and numeric:
                     tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
@@ -141,8 +178,25 @@ class MetricsWriter:
         self._log.write(text + "\n")
         self._log.flush()
 
+    def sample(self, text: str) -> None:
+        """A block of periodic samples: to the terminal, training.log and samples.txt."""
+        self.log_line(text)
+        self._samples.write(text + "\n\n")
+        self._samples.flush()
+
+    def sync(self) -> dict[str, int]:
+        """Flush and fsync every file; returns their lengths (what a checkpoint records)."""
+        sizes = {}
+        for name, f in self._files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            sizes[name] = os.fstat(f.fileno()).st_size
+        if self._tb is not None:
+            self._tb.flush()
+        return sizes
+
     def close(self) -> None:
-        for f in (self._csv, self._jsonl, self._log):
+        for f in self._files.values():
             if not f.closed:
                 f.flush()
                 os.fsync(f.fileno())  # the end of a run survives a power cut
@@ -158,23 +212,26 @@ class MetricsWriter:
         self.close()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _cut(path: Path, size: int) -> None:
+    """Shorten `path` to `size` bytes (a file already shorter is left alone)."""
+    if not path.exists():
+        return
+    with open(path, "r+b") as f:
+        if f.seek(0, os.SEEK_END) > size:
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
 
 
-def _open_tensorboard(path: Path) -> Any:
+def _open_tensorboard(path: Path, purge_step: int | None) -> Any:
     try:  # lazily: tensorboard is an optional extra
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise UserError(
             "log.tensorboard=true needs the tensorboard package: pip install 'lmforge[tensorboard]'"
         ) from e
-    return SummaryWriter(log_dir=str(path))
+    # purge_step: a resumed run drops the scalars the earlier process logged after its checkpoint.
+    return SummaryWriter(log_dir=str(path), purge_step=purge_step)
 
 
 # Dense tensor-core peaks in FLOP/s per GPU, from the vendors' datasheets, as
@@ -226,7 +283,7 @@ def mfu(
     CPU and MPS have no honest single peak figure, so they give None unless `peak_flops` is passed.
     """
     peak = peak_flops if peak_flops is not None else peak_flops_for(device_name, dtype)
-    if not peak or tokens_per_s <= 0:
+    if not peak or tokens_per_s <= 0 or not flops_per_token:
         return None
     return flops_per_token * tokens_per_s / peak
 

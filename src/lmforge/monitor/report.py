@@ -6,7 +6,6 @@ timestamped under training_plots/; during training LiveDashboard keeps one dashb
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -198,7 +197,8 @@ def settings_lines(info: dict[str, Any]) -> list[str]:
         dim=m.get("dim"),
         canon=m.get("canon"),  # 0 (off) is left out, as every false value is
         vocab=m.get("vocab_size"),
-        tokenizer=tokenizer.get("name") if isinstance(tokenizer := info.get("tokenizer"), dict)
+        tokenizer=tokenizer.get("name")
+        if isinstance(tokenizer := info.get("tokenizer"), dict)
         else tokenizer,
     )
     train = dict(
@@ -444,64 +444,6 @@ def compare_runs(paths: Sequence[str | Path], out_dir: str | Path) -> Path:
     out = Path(out_dir) / f"compare_{datetime.now().strftime('%Y%m%d_%H%M%S')}.png"
     _atomic_savefig(fig, out)
     return out
-
-
-# Each help states its default itself; "%(default).0s" prints nothing but stops argparse's
-# ArgumentDefaultsHelpFormatter from appending a second, less useful "(default: None)".
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "path",
-        metavar="RUN_DIR_OR_LOG",
-        help="run folder or log: lmforge "
-        "CSV/JSONL, nanoGPT stdout, or CSV/JSONL with a step column",
-    )
-    parser.add_argument(
-        "--out",
-        metavar="DIR",
-        help="output folder (default: RUN/training_plots/"
-        ", or training_plots/ beside the log)%(default).0s",
-    )
-    parser.add_argument(
-        "--floor",
-        type=float,
-        metavar="NATS",
-        help="entropy floor to draw, nats/"
-        "token (default: run_info.json's entropy_floor, else none)%(default).0s",
-    )
-
-
-def run_report(args: argparse.Namespace) -> int:
-    table = load_metrics(args.path)
-    if args.floor is not None:
-        table.info["entropy_floor"] = args.floor
-    print(f"Read {table.source} as format: {table.format}")
-    paths = write_table_report(table, args.out)
-    print(paths["summary"].read_text(encoding="utf-8"))
-    for path in paths.values():
-        print(f"wrote {path}")
-    return 0
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "paths",
-        nargs="+",
-        metavar="RUN_DIR_OR_LOG",
-        help="runs or logs to overlay, in any format `report` reads",
-    )
-    parser.add_argument(
-        "--out",
-        metavar="DIR",
-        default=".",
-        help="folder for compare_YYYYMMDD_HHMMSS.png (default: %(default)s)",
-    )
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    for path in args.paths:
-        print(f"Read {path} as format: {load_metrics(path).format}")
-    print(f"wrote {compare_runs(args.paths, args.out)}")
-    return 0
 
 
 class LiveDashboard:

@@ -1,6 +1,25 @@
-"""Training: the Trainer (and its settings) plus the in-memory text data path of the Python API."""
+"""Training: the Trainer, its settings, and the in-memory text data of the Python API.
 
-from lmforge.data.text import TextDataset, create_dataloaders
-from lmforge.train.trainer import Trainer, TrainSettings
+Nothing heavy is imported here: `lmforge.train.checkpoint` (what inference and export use) loads
+without the trainer. `from lmforge.train import Trainer` imports it when asked for.
+"""
 
-__all__ = ["Trainer", "TrainSettings", "TextDataset", "create_dataloaders"]
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "Trainer": "lmforge.train.trainer",
+    "TrainSettings": "lmforge.train.trainer",
+    "TextDataset": "lmforge.data.text",
+    "create_dataloaders": "lmforge.data.text",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lmforge.train' has no attribute {name!r}")

@@ -2,20 +2,25 @@
 
 Everything the loop needs to continue after a crash is in the checkpoint: model, optimizer(s),
 gradient scaler, step, tokens seen, best validation loss, early-stopping count, the running log
-average and the RNG state. Batches are a pure function of (seed, step, micro-step, rank), so the
-resumed run reads exactly what the uninterrupted one would have read.
+average, the RNG state and how far each log file had got. Batches are a pure function of (seed,
+step, micro-step, rank), so the resumed run reads exactly what the uninterrupted one would have
+read, and its log files continue from the checkpoint's byte offsets: nothing is repeated or torn.
+
+One step is `train_step` (forward/backward over the micro-batches, clip, optimizer step) and then
+`_after_step` (log row, eval, samples, dashboard). On SIGTERM the checkpoint is written between the
+two, so a scheduler's grace period is spent on the save; the checkpoint says its step's after-work
+is pending, and a resumed run does that work first, as the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,69 +28,139 @@ import torch
 import torch.nn as nn
 
 from lmforge import __version__
+from lmforge.chat_format import IGNORE_INDEX
+from lmforge.config import Config, LogConfig, OptimConfig, ScheduleConfig, TrainConfig
 from lmforge.device import Precision, enable_tf32, pick
 from lmforge.distributed import Dist, full_state, load_full_state, no_grad_sync
 from lmforge.errors import UserError
-from lmforge.loss import IGNORE_INDEX
+from lmforge.monitor.metrics import MetricsRow, mfu
 from lmforge.train import checkpoint as ckpt
+from lmforge.train.optim import build_optimizer
 from lmforge.train.schedule import lr_at
 from lmforge.train.signals import GracefulStop
 
 
 class Diverged(UserError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or the gradients did, step after step."""
+
+
+_T, _S, _L = TrainConfig, ScheduleConfig, LogConfig
 
 
 @dataclass
 class TrainSettings:
-    """What the loop does and when; the CLI fills it from the config, API users directly."""
+    """What the loop does and when. `from_config` is the one place a run's config becomes these;
+    the defaults are the config's. The Python API (`Trainer(model, loader, ...)` without settings)
+    starts from `for_api()`: constant lr, no warmup, no periodic saves/evals/samples."""
 
-    max_steps: int = 1000
-    max_epochs: int = 0
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    decay_steps: int = 0
-    wsd_decay_fraction: float = 0.2
-    log_every: int = 10
-    eval_every: int = 0
-    eval_batches: int = 20
-    save_every: int = 0
-    save_every_minutes: float = 0.0
-    keep_last: int = 5
-    sample_every: int = 0
-    patience: int = 0
-    min_delta: float = 0.001
-    warmup_passes: int = 0
-    seed: int = 1337
-    loss_normalisation: str = "mean"  # "tokens": sum over micro-batches / assistant tokens (SFT)
+    max_steps: int = _T.max_steps
+    max_epochs: int = _T.max_epochs
+    grad_accum: int = _T.grad_accum
+    max_grad_norm: float = _T.max_grad_norm
+    max_skipped_steps: int = _T.max_skipped_steps
+    lr: float = OptimConfig.lr
+    min_lr: float = OptimConfig.min_lr
+    schedule: str = _S.kind
+    warmup_steps: int = _S.warmup_steps
+    decay_steps: int = _S.decay_steps
+    wsd_decay_fraction: float = _S.wsd_decay_fraction
+    log_every: int = _L.log_every
+    eval_every: int = _T.eval_every
+    eval_batches: int = _T.eval_batches
+    save_every: int = _T.save_every
+    save_every_minutes: float = _T.save_every_minutes
+    keep_last: int = _T.keep_last
+    sample_every: int = _T.sample_every
+    patience: int = _T.patience
+    min_delta: float = _T.min_delta
+    warmup_passes: int = _T.warmup_passes
+    seed: int = _T.seed
+    loss_normalisation: str = "mean"  # "tokens": sum over micro-batches / target tokens (SFT)
     entropy_floor: float | None = None
+    chars_per_token: float | None = None  # to say the distance to the floor per character too
     flops_per_token: int = 0
     peak_flops: float | None = None
     progress: bool = False
 
+    @classmethod
+    def from_config(cls, cfg: Config, **phase: Any) -> TrainSettings:
+        """The settings of a run; `phase` holds what the phase decides (SFT: its own patience,
+        min_delta and max_epochs, loss normalised by tokens; the floor of the data)."""
+        t, o, sch, log = cfg.train, cfg.optim, cfg.schedule, cfg.log
+        values = {
+            **{f.name: getattr(t, f.name) for f in fields(cls) if hasattr(t, f.name)},
+            "lr": o.lr,
+            "min_lr": o.min_lr,
+            "schedule": sch.kind,
+            "warmup_steps": sch.warmup_steps,
+            "decay_steps": sch.decay_steps,
+            "wsd_decay_fraction": sch.wsd_decay_fraction,
+            "log_every": log.log_every,
+            "peak_flops": log.peak_tflops * 1e12 or None,
+            "progress": sys.stderr.isatty() if log.progress == "auto" else log.progress == "true",
+        }
+        return cls(**{**values, **phase})
 
-@dataclass
+    @classmethod
+    def for_api(cls, **values: Any) -> TrainSettings:
+        quiet = dict(schedule="constant", warmup_steps=0, eval_every=0, save_every=0,
+                     save_every_minutes=0.0, sample_every=0, warmup_passes=0)  # fmt: skip
+        return cls(**{**quiet, **values})
+
+
 class History:
-    step: list[int] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    grad_norm: list[float] = field(default_factory=list)
-    val_step: list[int] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    val_perplexity: list[float] = field(default_factory=list)
+    """The logged rows of a run (`MetricsRow`s, as the CSV holds them), with the columns as lists:
+    `history.train_loss`, `history["val_loss"]`, ..."""
+
+    KEYS = ("step", "train_loss", "lr", "grad_norm", "val_step", "val_loss", "val_perplexity")
+
+    def __init__(self, rows: list[MetricsRow] | None = None) -> None:
+        self.rows: list[MetricsRow] = list(rows or [])
+
+    def add(self, row: MetricsRow) -> None:
+        self.rows.append(row)
 
     def as_dict(self) -> dict[str, list]:
-        return {k: list(v) for k, v in self.__dict__.items()}
+        train = [r for r in self.rows if r.loss is not None]
+        val = [r for r in self.rows if r.val_loss is not None]
+        return {
+            "step": [r.step for r in train],
+            "train_loss": [r.loss for r in train],
+            "lr": [r.lr for r in train],
+            "grad_norm": [r.grad_norm for r in train],
+            "val_step": [r.step for r in val],
+            "val_loss": [r.val_loss for r in val],
+            "val_perplexity": [r.val_ppl for r in val],
+        }
+
+    def __getitem__(self, key: str) -> list:
+        if key not in self.KEYS:
+            raise KeyError(f"{key!r}: history has {', '.join(self.KEYS)}")
+        return self.as_dict()[key]
+
+    def __getattr__(self, key: str) -> list:
+        if key in History.KEYS:
+            return self.as_dict()[key]
+        raise AttributeError(key)
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in self.rows]
+
+    @classmethod
+    def from_state(cls, state: Any) -> History:
+        return cls([MetricsRow(**row) for row in state]) if isinstance(state, list) else cls()
 
 
 class Batches(ABC):
     """What the loop reads: `get(step, micro_step) -> dict` with `input_ids` and `labels` (B, T),
     optionally `position_ids`/`doc_ids`; `epoch_of(step)`. Adapters below wrap token files and
-    DataLoaders."""
+    DataLoaders.
+
+    `rank_aware` batches give each process its own share already (token windows split by rank);
+    for the others, validation spreads whole batches over the ranks (batch i on rank i % world).
+    """
+
+    rank_aware: bool = False
 
     @abstractmethod
     def get(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
@@ -99,6 +174,8 @@ class Batches(ABC):
 
 class TokenFileBatches(Batches):
     """Wraps `lmforge.data.memmap.TokenBatches` (x, y) windows."""
+
+    rank_aware = True
 
     def __init__(self, token_batches: Any):
         self.inner = token_batches
@@ -157,52 +234,6 @@ def as_batches(data: Any, grad_accum: int) -> Batches | None:
     return LoaderBatches(data, grad_accum)
 
 
-def default_optimizer(
-    model: nn.Module,
-    name: str = "adamw",
-    lr: float = 3e-4,
-    weight_decay: float = 0.1,
-    betas: tuple[float, float] = (0.9, 0.95),
-    eps: float = 1e-8,
-    muon_lr: float = 0.02,
-    muon_momentum: float = 0.95,
-    device: torch.device | None = None,
-) -> list[torch.optim.Optimizer]:
-    """AdamW with decay on matrices only (nanoGPT's grouping by rank), fused on CUDA; or Muon for
-    the 2-D hidden weights plus AdamW for embeddings, head, norms and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = device is not None and device.type == "cuda"
-    if name == "muon":
-        not_matrices = {  # tables, and canon layers' per-channel filters: 2-D but no matrices
-            id(p)
-            for n, p in model.named_parameters()
-            if n.startswith(("wte.", "wpe.", "lm_head.")) or ".canon." in n
-        }
-        hidden = [p for p in params if p.dim() == 2 and id(p) not in not_matrices]
-        rest = [p for p in params if p.dim() != 2 or id(p) in not_matrices]
-        muon = torch.optim.Muon(
-            hidden,
-            lr=muon_lr,
-            momentum=muon_momentum,
-            weight_decay=0.0,
-            adjust_lr_fn="match_rms_adamw",
-        )
-        muon.param_groups[0]["lr_scale"] = muon_lr / lr
-        adamw = _adamw(rest, lr, weight_decay, betas, eps, fused)
-        return [adamw, muon]
-    return [_adamw(params, lr, weight_decay, betas, eps, fused)]
-
-
-def _adamw(params, lr, weight_decay, betas, eps, fused) -> torch.optim.AdamW:
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
-
-
 class Trainer:
     """Train a model on batches; see SPEC §3 for the behaviour and `lmforge train` for the CLI.
 
@@ -253,12 +284,10 @@ class Trainer:
         if self.precision.device.type == "cuda":
             enable_tf32()
         self.device = self.precision.device
-        self.settings = settings or TrainSettings(
+        self.settings = settings or TrainSettings.for_api(
             grad_accum=gradient_accumulation_steps,
             max_grad_norm=max_grad_norm,
             log_every=log_interval,
-            warmup_steps=0,
-            schedule="constant",
         )
         if optimizer is not None and settings is None:  # the user's optimizer keeps its lr
             first = optimizer[0] if isinstance(optimizer, list) else optimizer
@@ -271,8 +300,8 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         self.train_data = as_batches(train_data, self.settings.grad_accum)
         self.val_data = as_batches(val_data, 1)
-        optimizers = optimizer or default_optimizer(
-            self.model, lr=self.settings.lr, device=self.device
+        optimizers = optimizer or build_optimizer(
+            self.model, OptimConfig(lr=self.settings.lr), self.device
         )
         self.optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         for opt in self.optimizers:
@@ -291,9 +320,16 @@ class Trainer:
         self.tokens_seen = 0
         self.best_val_loss = math.inf
         self.evals_without_improvement = 0
+        self.skipped_in_a_row = 0  # steps whose gradient norm was not finite, consecutively
+        self.skipped_steps = 0
         self.history = History()
         self.elapsed = 0.0  # training wall time so far, warm-up passes excluded
         self._log_loss_sum, self._log_loss_count = 0.0, 0
+        self._last_grad_norm = 0.0
+        self._interval_start, self._interval_steps = time.perf_counter(), 0
+        self.after_work_pending = False  # set by a checkpoint saved on SIGTERM
+        self._bar: Any = None
+        self.last_saved_step = -1
         self.stop_reason = ""
         self.checkpoint_extra: dict[str, Any] = {}
         self._stop: GracefulStop | None = None
@@ -336,8 +372,8 @@ class Trainer:
                 group["lr"] = lr * group["lr_scale"]
         batches = [self._batch_to_device(self.train_data.get(step, m)) for m in range(s.grad_accum)]
         by_tokens = s.loss_normalisation == "tokens"
-        # Instruction tuning: normalise by the assistant tokens of ALL micro-batches, so a long
-        # answer in one micro-batch weighs the same as if the batch had not been split.
+        # Instruction tuning: normalise by the target tokens of ALL micro-batches (of all ranks),
+        # so a long answer in one micro-batch weighs the same as if the batch had not been split.
         world = self.dist.world_size
         n_targets = 0
         if by_tokens:  # counted only when used: int() of a CUDA tensor waits for the GPU
@@ -373,13 +409,34 @@ class Trainer:
         max_norm = s.max_grad_norm if s.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        for opt in self.optimizers:
-            self.scaler.step(opt)
-        self.scaler.update()
+        if math.isfinite(grad_norm) or self.precision.use_scaler:
+            # (fp16: the scaler skips steps with inf gradients itself and lowers its scale)
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+            self.scaler.update()
+            self.skipped_in_a_row = 0
+        else:
+            self._skip_step(step + 1, grad_norm)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self.global_step += 1
         return total_loss, grad_norm
+
+    def _skip_step(self, step: int, grad_norm: float) -> None:
+        """A finite loss with a non-finite gradient: the update is never applied (nor saved)."""
+        self.skipped_in_a_row += 1
+        self.skipped_steps += 1
+        limit = self.settings.max_skipped_steps
+        self.log(
+            f"step {step}: gradient norm is {grad_norm}: update skipped "
+            f"({self.skipped_in_a_row} in a row; the run stops after {limit})"
+        )
+        if self.skipped_in_a_row >= limit:
+            raise Diverged(
+                f"the gradient norm was not finite for {limit} steps in a row (last at step "
+                f"{step}): stopping; the last good checkpoint is kept in {self.checkpoint_dir} "
+                "(lower optim.lr, or check the data)"
+            )
 
     def lr_at(self, step: int) -> float:
         s = self.settings
@@ -389,20 +446,26 @@ class Trainer:
             lr=s.lr,
             min_lr=s.min_lr,
             warmup_steps=s.warmup_steps,
-            max_steps=self._max_steps,
+            max_steps=self.max_steps,
             decay_steps=s.decay_steps,
             wsd_decay_fraction=s.wsd_decay_fraction,
         )
 
     @property
-    def _max_steps(self) -> int:
+    def max_steps(self) -> int:
+        """The run's last step: train.max_steps, or max_epochs worth of steps, the smaller."""
         s = self.settings
         by_epochs = 0
         if s.max_epochs and self.train_data is not None and self.train_data.batches_per_epoch:
-            by_epochs = s.max_epochs * math.ceil(self.train_data.batches_per_epoch / s.grad_accum)
+            by_epochs = s.max_epochs * self.steps_per_epoch
         if s.max_steps and by_epochs:
             return min(s.max_steps, by_epochs)
         return s.max_steps or by_epochs
+
+    @property
+    def steps_per_epoch(self) -> int:
+        per_epoch = self.train_data.batches_per_epoch or 1
+        return max(1, math.ceil(per_epoch / self.settings.grad_accum))
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -413,10 +476,12 @@ class Trainer:
         n = max_batches or self.settings.eval_batches
         if self.val_data.batches_per_epoch:
             n = min(n, self.val_data.batches_per_epoch)
+        d = self.dist
+        indices = range(n) if self.val_data.rank_aware else range(d.rank, n, d.world_size)
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
-        for i in range(n):
+        for i in indices:
             batch = self._batch_to_device(self.val_data.get(i, 0))
             tokens = int((batch["labels"] != IGNORE_INDEX).sum())
             total += (
@@ -425,7 +490,7 @@ class Trainer:
                 else (self._loss(batch, "mean").item() * tokens)
             )
             count += tokens
-        total, count = self.dist.all_reduce_sum([total, count], self.device)
+        total, count = d.all_reduce_sum([total, count], self.device)
         self.model.train(was_training)
         loss = total / max(1, count)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
@@ -442,9 +507,13 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val_loss,
             "evals_without_improvement": self.evals_without_improvement,
+            "skipped_steps": [self.skipped_steps, self.skipped_in_a_row],
             "elapsed": self.elapsed,
             "log_accumulator": [self._log_loss_sum, self._log_loss_count],
-            "history": self.history.as_dict(),
+            "last_grad_norm": self._last_grad_norm,
+            "after_work_pending": self.after_work_pending,
+            "log_offsets": self.metrics.sync() if self.metrics is not None else {},
+            "history": self.history.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "versions": {"lmforge": __version__, "torch": str(torch.__version__)},
@@ -453,7 +522,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.checkpoint_extra = {
-            k: state[k] for k in ("config", "tokenizer", "data_meta") if k in state
+            k: state[k] for k in ("config", "tokenizer", "data_meta", "phase") if k in state
         }
         if state.get("optimizers"):
             load_full_state(self.model, self.optimizers, state["model"], state["optimizers"])
@@ -466,10 +535,13 @@ class Trainer:
         self.tokens_seen = state.get("tokens_seen", 0)
         self.best_val_loss = state.get("best_val_loss", math.inf)
         self.evals_without_improvement = state.get("evals_without_improvement", 0)
+        self.skipped_steps, self.skipped_in_a_row = state.get("skipped_steps", [0, 0])
         self.elapsed = state.get("elapsed", 0.0)
         self._log_loss_sum, self._log_loss_count = state.get("log_accumulator", [0.0, 0])
-        if "history" in state:
-            self.history = History(**state["history"])
+        self._last_grad_norm = state.get("last_grad_norm", 0.0)
+        self.after_work_pending = bool(state.get("after_work_pending", False))
+        self.history = History.from_state(state.get("history"))
+        self.last_saved_step = self.global_step
         if "rng_cpu" in state:
             torch.set_rng_state(state["rng_cpu"])
         if state.get("rng_cuda") and torch.cuda.is_available():
@@ -479,17 +551,22 @@ class Trainer:
         """Full training state, atomically, with a JSON record; keeps the newest `keep_last`."""
         path = Path(path) if path else self.checkpoint_dir / f"step_{self.global_step}.pt"
         state = self.state_dict()  # every rank: gathering FSDP shards is a collective
+        self.last_saved_step, self._last_save = self.global_step, time.monotonic()
         if not self.dist.is_main:
             self.dist.barrier()
             return path
-        ckpt.set_aside(path)  # never overwrite: a file already there (e.g. corrupt) is kept aside
+        if ckpt.STEP_FILE.match(path.name):
+            ckpt.set_aside(path)  # a file there is from a timeline we did not resume: kept aside
         record = {
             "step": self.global_step,
             "epoch": self.current_epoch,
             "tokens_seen": self.tokens_seen,
             "best_val_loss": _finite(self.best_val_loss),
-            "train_loss": self.history.train_loss[-1] if self.history.train_loss else None,
+            "train_loss": _finite(self._log_loss_sum / self._log_loss_count)
+            if self._log_loss_count
+            else (self.history.rows[-1].loss if self.history.rows else None),
             "data_position": {"step": self.global_step, "micro_step": 0},
+            "after_work_pending": self.after_work_pending,
         }
         try:
             ckpt.save_checkpoint(path, state, record)
@@ -515,16 +592,14 @@ class Trainer:
         return ckpt.save_checkpoint(path, state, record)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        self.load_state_dict(ckpt.load_checkpoint(path, map_location=self.device))
+        self.load_state_dict(ckpt.load_checkpoint(path))
 
     def resume(self, spec: str = "auto") -> Path | None:
         """auto: newest valid checkpoint in checkpoint_dir (corrupt ones reported); none; a path."""
         if spec == "none":
             return None
         if spec == "auto":
-            found = ckpt.newest_valid(
-                self.checkpoint_dir, report=self.log, map_location=self.device
-            )
+            found = ckpt.newest_valid(self.checkpoint_dir, report=self.log)
             if found is None:
                 return None
             path, state = found
@@ -534,7 +609,9 @@ class Trainer:
         return Path(spec)
 
     def save_history(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.history.as_dict(), indent=1) + "\n", encoding="utf-8")
+        from lmforge.files import write_json
+
+        write_json(path, self.history.as_dict())
 
     # ---------------------------------------------------------------- the loop
     def warm_up(self) -> None:
@@ -573,126 +650,125 @@ class Trainer:
         if early_stopping_patience is not None:
             s.patience = early_stopping_patience
         if save_every is not None:
-            per_epoch = math.ceil((self.train_data.batches_per_epoch or 1) / s.grad_accum)
-            s.save_every = save_every * per_epoch if num_epochs is not None else save_every
+            s.save_every = (
+                save_every * self.steps_per_epoch if num_epochs is not None else save_every
+            )
         if resume:
             self.resume(resume)
         if s.patience and self.val_data is None:
             raise UserError("early stopping needs validation data")
-        if (
-            self.val_data is not None
-            and not s.eval_every
-            and (s.patience or num_epochs is not None)
-        ):
-            # Validate after every epoch (the seed API's behaviour, and what patience counts).
-            s.eval_every = max(
-                1, math.ceil((self.train_data.batches_per_epoch or 1) / s.grad_accum)
-            )
-        total = self._max_steps
+        if self.val_data is not None and not s.eval_every and (s.patience or num_epochs):
+            s.eval_every = self.steps_per_epoch  # after every epoch: what patience counts
         self.model.train()
         self.warm_up()
-        bar = _progress(total, self.global_step) if s.progress else None
-        interval_start, interval_steps = time.perf_counter(), 0
+        self._bar = _progress(self.max_steps, self.global_step) if s.progress else None
+        self._interval_start, self._interval_steps = time.perf_counter(), 0
         with GracefulStop() as stop:
             self._stop, self._last_save = stop, time.monotonic()
-            while self.global_step < total:
-                t0 = time.perf_counter()
-                loss, grad_norm = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                self.elapsed += time.perf_counter() - t0
-                interval_steps += 1
-                self._log_loss_sum += loss
-                self._log_loss_count += 1
-                self.current_epoch = self.train_data.epoch_of(self.global_step)
-                step = self.global_step
-                row = None
-                if step % s.log_every == 0 or step == total:
-                    ms = 1000 * (time.perf_counter() - interval_start) / interval_steps
-                    row = self._log_row(step, grad_norm, ms)
-                    interval_start, interval_steps = time.perf_counter(), 0
-                at_eval = step == total or (s.eval_every and step % s.eval_every == 0)
-                if self.val_data is not None and at_eval:
-                    row = self._evaluate(step, row)
-                if row is not None and self.metrics is not None:
-                    self.metrics.write(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                # FSDP gathers weights in forward: every rank must take part in sampling.
-                sampling_rank = self.dist.is_main or self.dist.strategy == "fsdp"
-                if self.sampler and s.sample_every and step % s.sample_every == 0 and sampling_rank:
-                    self.sampler(self.model, step)
-                if self.dashboard is not None:
-                    self.dashboard.maybe_refresh(step)
-                due = s.save_every and step % s.save_every == 0
-                if due or self.time_save_agreed or self.stop_agreed:
-                    path = self.save_checkpoint()
-                    self._last_save = time.monotonic()
-                    if self.stop_agreed:
-                        signal_name = stop.requested or "a stop request on another rank"
-                        self.stop_reason = f"{signal_name}: checkpoint saved to {path}"
-                        break
-                if self.stop_reason:
-                    break
-        if bar is not None:
-            bar.close()
+            if self.after_work_pending:  # resumed from a SIGTERM save: its step's work is due
+                self.after_work_pending = False
+                self._after_step(self.global_step)
+            while self.global_step < self.max_steps and not self.stop_reason:
+                self._one_step(stop)
+        if self._bar is not None:
+            self._bar.close()
         if not self.stop_reason:
             self.stop_reason = "finished"
         return self.history.as_dict()
 
-    def _log_row(self, step: int, grad_norm: float, ms_per_step: float) -> dict[str, Any]:
+    def _one_step(self, stop: GracefulStop) -> None:
+        t0 = time.perf_counter()
+        loss, self._last_grad_norm = self.train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.elapsed += time.perf_counter() - t0
+        self._interval_steps += 1
+        self._log_loss_sum += loss
+        self._log_loss_count += 1
+        self.current_epoch = self.train_data.epoch_of(self.global_step)
+        step = self.global_step
+        if self.stop_agreed:  # the save first: a scheduler's grace period is short
+            self.after_work_pending = True
+            path = self.save_checkpoint()
+            signal_name = stop.requested or "a stop request on another rank"
+            self.stop_reason = f"{signal_name}: checkpoint saved to {path}"
+            self.after_work_pending = False
+            self._after_step(step)  # a resumed run redoes this from the checkpoint
+            return
+        self._after_step(step)
+        due = self.settings.save_every and step % self.settings.save_every == 0
+        if due or self.time_save_agreed:
+            self.save_checkpoint()
+
+    def _after_step(self, step: int) -> None:
+        """The step's outputs: log row, eval (and early stopping), samples, dashboard."""
+        s, total = self.settings, self.max_steps
+        row = None
+        if step % s.log_every == 0 or step == total:
+            row = self._log_row(step)
+        at_eval = step == total or (s.eval_every and step % s.eval_every == 0)
+        if self.val_data is not None and at_eval:
+            row = self._evaluate(step, row)
+        if row is not None:
+            self.history.add(row)
+            if self.metrics is not None:
+                self.metrics.write(row)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{self.history.rows[-1].loss or 0:.4f}", refresh=False)
+        # FSDP gathers weights in forward: every rank must take part in sampling.
+        sampling_rank = self.dist.is_main or self.dist.strategy == "fsdp"
+        if self.sampler and s.sample_every and step % s.sample_every == 0 and sampling_rank:
+            self.sampler(self.model, step)
+        if self.dashboard is not None:
+            self.dashboard.maybe_refresh(step)
+
+    def _log_row(self, step: int) -> MetricsRow:
         s = self.settings
+        ms_per_step = (
+            1000 * (time.perf_counter() - self._interval_start) / max(1, self._interval_steps)
+        )
+        self._interval_start, self._interval_steps = time.perf_counter(), 0
         loss = self._log_loss_sum / max(1, self._log_loss_count)
         self._log_loss_sum, self._log_loss_count = 0.0, 0
         lr = self.lr_at(step - 1)
-        tokens_per_step = self.tokens_seen / max(1, step)
-        tokens_per_s = tokens_per_step * 1000 / ms_per_step if ms_per_step > 0 else 0.0
-        mfu = None
-        if s.flops_per_token and (s.peak_flops or self.device.type == "cuda"):
-            from lmforge.monitor.metrics import mfu as compute_mfu
-
-            name = torch.cuda.get_device_name() if self.device.type == "cuda" else self.device.type
-            mfu = compute_mfu(
-                s.flops_per_token, tokens_per_s, name, self.precision.dtype, s.peak_flops
-            )
-        memory_mb = _memory_mb(self.device)
-        self.history.step.append(step)
-        self.history.train_loss.append(loss)
-        self.history.lr.append(lr)
-        self.history.grad_norm.append(grad_norm)
-        eta = (self._max_steps - step) * ms_per_step / 1000
-        mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-        self.log(
-            f"step {step:>6}/{self._max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"grad {grad_norm:.3f} | {ms_per_step:.1f} ms/step | {tokens_per_s:,.0f} tok/s"
-            f"{mfu_text} | mem {memory_mb:,.0f} MB | tokens {self.tokens_seen:,} | "
-            f"eta {_duration(eta)}"
+        tokens_per_s = self.tokens_seen / max(1, step) * 1000 / ms_per_step if ms_per_step else 0.0
+        device_name = (
+            torch.cuda.get_device_name() if self.device.type == "cuda" else self.device.type
         )
-        return {
-            "step": step,
-            "tokens_seen": self.tokens_seen,
-            "elapsed_s": round(self.elapsed, 3),
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "ms_per_step": ms_per_step,
-            "tokens_per_s": tokens_per_s,
-            "mfu": mfu,
-            "memory_mb": memory_mb,
-        }
+        use = mfu(s.flops_per_token, tokens_per_s, device_name, self.precision.dtype, s.peak_flops)
+        memory_mb = _memory_mb(self.device)
+        eta = (self.max_steps - step) * ms_per_step / 1000
+        mfu_text = f" | mfu {100 * use:.1f}%" if use is not None else ""
+        self.log(
+            f"step {step:>6}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"grad {self._last_grad_norm:.3f} | {ms_per_step:.1f} ms/step | "
+            f"{tokens_per_s:,.0f} tok/s{mfu_text} | mem {memory_mb:,.0f} MB | "
+            f"tokens {self.tokens_seen:,} | eta {_duration(eta)}"
+        )
+        return MetricsRow(
+            step=step,
+            tokens_seen=self.tokens_seen,
+            elapsed_s=round(self.elapsed, 3),
+            loss=loss,
+            lr=lr,
+            grad_norm=self._last_grad_norm,
+            ms_per_step=ms_per_step,
+            tokens_per_s=tokens_per_s,
+            mfu=use,
+            memory_mb=memory_mb,
+        )
 
-    def _evaluate(self, step: int, row: dict[str, Any] | None) -> dict[str, Any]:
+    def _evaluate(self, step: int, row: MetricsRow | None) -> MetricsRow:
         s = self.settings
         result = self.validate()
         loss = result["loss"]
-        self.history.val_step.append(step)
-        self.history.val_loss.append(loss)
-        self.history.val_perplexity.append(result["perplexity"])
         improved = loss < self.best_val_loss - s.min_delta
         line = f"eval step {step} | val loss {loss:.4f} | ppl {result['perplexity']:.3f}"
         if s.entropy_floor is not None:
-            line += f" | floor {s.entropy_floor:.4f} (+{loss - s.entropy_floor:.4f} nats above)"
+            gap = loss - s.entropy_floor
+            per_char = f", {gap / s.chars_per_token:+.4f}/char" if s.chars_per_token else ""
+            line += f" | floor {s.entropy_floor:.4f} ({gap:+.4f} nats/token{per_char})"
             if loss < s.entropy_floor:
                 line += (
                     "\n!!! validation loss is BELOW the entropy floor: this is a bug "
@@ -710,17 +786,13 @@ class Trainer:
                 f"{s.patience} evaluations (best {self.best_val_loss:.4f})"
             )
             self.log(self.stop_reason)
-        row = row or {
-            "step": step,
-            "tokens_seen": self.tokens_seen,
-            "elapsed_s": round(self.elapsed, 3),
-        }
-        row.update(val_loss=loss, val_ppl=result["perplexity"])
+        row = row or MetricsRow(step, self.tokens_seen, round(self.elapsed, 3))
+        row.val_loss, row.val_ppl = loss, result["perplexity"]
         return row
 
 
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
 
 def _memory_mb(device: torch.device) -> float:

@@ -2,7 +2,10 @@
 
 prepare the stories -> pretrain `tiny` -> story Q&A accuracy before SFT -> SFT on the story Q&A ->
 accuracy after -> a short scripted chat -> report. Each stage is the same `lmforge` command a user
-would type (printed before it runs), so the demo doubles as a tour of the CLI.
+would type (printed before it runs), so the demo doubles as a tour of the CLI. It lives beside the
+package, not in it: it reads the checkout's configs/.
+
+    python scripts/demo.py --out demo_out
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import argparse
 import contextlib
 import io
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from lmforge.cli import main as lmforge
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> None:
@@ -47,7 +51,11 @@ def config_path(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmforge.demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python scripts/demo.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="demo_out", help="folder for data, runs and report")
     parser.add_argument("--size-mb", type=float, default=4.0, help="built-in corpus size")
     parser.add_argument(
@@ -61,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     quick = ["--train.max_steps=40", "--train.eval_every=20"] if args.fast else []
 
     print("lmforge demo: built-in stories -> pretrain tiny -> SFT -> eval -> chat -> report")
+    for previous in (pre, sft):  # the demo's own runs of an earlier `make demo`: start afresh
+        if previous.is_dir():
+            print(f"(removing the previous demo run {previous})")
+            shutil.rmtree(previous)
     precision = cpu_precision()
     run("env")
     for preset in ("tiny", "seed-59m", "trm-23m", "trm-51m", "gpt2-124m"):
@@ -86,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         config_path("tiny-cpu.yaml"),
         f"--data.dir={data}",
         f"--run.dir={pre}",
-        "--train.resume=none",
         *precision,
         *quick,
     )
@@ -98,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         str(pre),
         f"--sft.data=stories-qa:{data / 'qa_train.jsonl'}",
         f"--run.dir={sft}",
-        "--train.resume=none",
         *precision,
         *(["--train.max_steps=20"] if args.fast else []),
     )
@@ -112,13 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== demo summary ===")
     if floor is not None and best is not None:
         print(
-            f"pretrained tiny: best val loss {best:.4f} nats/char, entropy floor {floor:.4f}, "
-            f"distance {best - floor:+.4f} (bar: +0.15)"
+            f"pretrained tiny: best val loss {best:.4f} nats/token, entropy floor {floor:.4f}: "
+            f"{best - floor:+.4f} nats/token above the best loss any model could reach"
         )
-    print(
-        f"story Q&A accuracy on held-out stories: before SFT {before:.1%}, after SFT {after:.1%}"
-        f" (bar: 80 %)"
-    )
+    print(f"story Q&A accuracy on held-out stories: before SFT {before:.1%}, after SFT {after:.1%}")
     print(f"tokens seen in pretraining: {int(info.get('tokens_seen') or 0):,}")
     print(f"reports: {pre / 'training_plots'}  and  {sft / 'training_plots'}")
     print(f"wall time: {wall / 60:.1f} min")

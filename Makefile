@@ -5,22 +5,30 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lmforge-installed
+DEMO_STAMP := $(VENV)/.lmforge-demo-installed
 TORCH  ?= torch==2.13.0
 DEMO   ?= demo_out
 
-.PHONY: demo test lint format bench clean install llama-cpp
+.PHONY: demo test lint format docs bench clean install llama-cpp
 
 install: $(STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# `make test` installs the test extra (every optional extra, exercised); `make demo` only what
+# the demo uses (transformers and gguf, to check its exported model), so that it starts sooner.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: $(STAMP)
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/python scripts/demo.py --out $(DEMO)
 
 test: $(STAMP)
@@ -33,6 +41,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format src tests bench scripts
 	$(BIN)/ruff check --fix src tests bench scripts
+
+# The README's command reference, from the parser (tests/test_cli.py checks they agree).
+docs: $(STAMP)
+	$(BIN)/python scripts/cli_reference.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/loss_memory.py

@@ -75,3 +75,19 @@ def test_python_dash_m_and_help():
     assert result.returncode == 0
     for name in SPEC_COMMANDS:
         assert name in result.stdout
+
+
+def test_every_command_and_option_is_documented_in_the_readme():
+    """The README's command reference is the parser's: a new command or option fails this test
+    until `make docs` writes it into the README (and its help text says what it does)."""
+    import re
+    from pathlib import Path
+
+    from lmforge.commands import reference_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    found = re.search(
+        r"<!-- cli-reference:start -->\n(.*?)<!-- cli-reference:end -->", readme, re.S
+    )
+    assert found, "README.md has no command reference (<!-- cli-reference:start --> ... end)"
+    assert found.group(1) == reference_markdown(), "README's command reference is stale: make docs"

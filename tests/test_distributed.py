@@ -184,3 +184,32 @@ def test_sigterm_to_the_torchrun_group_saves_once_and_resumes(data, reference, t
     resumed = train(2, data, run, "--train.max_steps=20", "--train.save_every=1000", batch=4)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_curve(curve(run), reference)
+
+
+def sft(n: int, init: Path, data: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [*torchrun(n), "sft", "--init-from", str(init), f"--run.dir={run}",
+           f"--sft.data=stories-qa:{data / 'qa_train.jsonl'}", "--sft.weights=0.05",
+           "--train.max_steps=12", "--train.eval_every=6", "--train.eval_batches=4",
+           "--train.sample_every=0", "--log.plot_every=0", "--train.warmup_passes=0",
+           "--log.log_every=1", "--train.save_every_minutes=0", "--train.threads=1",
+           "--schedule.warmup_steps=2", "--optim.lr=1e-3", *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sft_under_torchrun_trains_once_and_matches_one_process(data, tmp_path, strategy):
+    """Two processes with batch B train one run (rank 0 alone logs and writes) whose loss curve
+    is that of one process with twice the micro-batches."""
+    init = tmp_path / "pre"
+    assert (
+        train(0, data, init, "--train.max_steps=10", "--model.context=256", batch=8).returncode == 0
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    alone = sft(0, init, data, one, "--train.batch_size=4", "--train.grad_accum=2")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    pair = sft(2, init, data, two, "--train.batch_size=4", f"--train.distributed={strategy}")
+    assert pair.returncode == 0, pair.stderr[-3000:]
+    steps = [line for line in pair.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 12, pair.stdout[-3000:]  # every step logged once: by rank 0 alone
+    assert f"{strategy} on 2 processes (gloo)" in (two / "logs" / "training.log").read_text()
+    assert_same_curve(curve(two), curve(one), tol=2e-5)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmforge.chat_format import CHAT_TOKENS
-from lmforge.config import model_config
+from lmforge.config import model_config, padded_vocab_size
 from lmforge.errors import UserError
 from lmforge.export import (
     export_gguf,
@@ -419,3 +419,108 @@ def test_llama_cpp_runs_the_gguf_with_the_same_greedy_tokens(tmp_path, bpe, bloc
         if len(theirs) == len(mine):
             break
     assert theirs == mine
+
+
+# --------------------------------------------------------------------------- --train.init_from
+def _phase(data: Path, *overrides: str):
+    """Phase 1 as `lmforge train --data.dir=DATA OVERRIDES` builds it (nothing is written)."""
+    from lmforge.config import load_config
+    from lmforge.device import pick
+    from lmforge.distributed import Dist
+    from lmforge.train.pretrain import pretrain_phase
+
+    cfg = load_config(None, [f"--data.dir={data}", "--train.device=cpu", *overrides])
+    return pretrain_phase(cfg, Dist(), pick("cpu")), cfg
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory) -> Path:
+    from lmforge.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("init_from") / "data"
+    fixture = Path(__file__).parent / "fixtures" / "data" / "tiny_shakespeare.txt"
+    prepare([str(fixture)], out, tokenizer="char", context=16, workers=1)
+    return out
+
+
+SHAPE = dict(n_layers=2, dim=48, n_heads=4, n_kv_heads=2, ffn_hidden=80, rope_theta=5000.0,
+             tie_embeddings=False, norm_eps=1e-6, max_context=32, context=32)  # fmt: skip
+
+
+def test_init_from_round_trip_takes_the_shape_from_config_json(tmp_path, char_data):
+    """export -> --train.init_from FOLDER with no model.* keys -> the same model: its shape from
+    the folder's config.json (not the `tiny` preset's 4 x 128) and equal logits."""
+    from lmforge.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(char_data)
+    model = tiny_model(tokenizer, **SHAPE)
+    export_hf(model, tokenizer, tmp_path / "hf")
+    phase, cfg = _phase(char_data, f"--train.init_from={tmp_path / 'hf'}")
+    for key in ("block", "n_layers", "dim", "n_heads", "kv_heads", "hidden", "rope_theta",
+                "tie_embeddings", "norm_eps", "max_context", "padded_vocab"):  # fmt: skip
+        assert getattr(phase.model.cfg, key) == getattr(model.cfg, key), key
+    assert cfg.model == phase.model.cfg  # what the run saves in config.yaml and checkpoints
+    assert phase.model.cfg.context == 32  # the preset's 256 lowered to the folder's 32 positions
+    assert any("model shape from" in line for line in phase.warnings)
+    ids = torch.randint(
+        0, tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        expected = model(ids)
+        assert torch.equal(phase.model.eval()(ids), expected)
+        assert torch.allclose(load_hf(tmp_path / "hf")(ids).logits, expected, atol=1e-5, rtol=0)
+    # A model.* setting that agrees with the folder is fine; one that disagrees is refused.
+    phase, _ = _phase(char_data, f"--train.init_from={tmp_path / 'hf'}", "--model.n_layers=2",
+                      "--model.context=16")  # fmt: skip
+    assert phase.model.cfg.context == 16 and phase.model.cfg.dim == 48
+    with pytest.raises(UserError, match=r"gives model.dim=48 but the config sets model.dim=64"):
+        _phase(char_data, f"--train.init_from={tmp_path / 'hf'}", "--model.dim=64")
+    with pytest.raises(UserError, match=r"model.context=64 is longer than the 32 positions"):
+        _phase(char_data, f"--train.init_from={tmp_path / 'hf'}", "--model.context=64")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_init_from_a_transformers_folder(tmp_path, char_data, arch):
+    """A folder transformers wrote (no lmforge block): shape from config.json, the HF rows in
+    the first rows of the run's padded vocabulary, equal logits over them."""
+    from lmforge.tokenizers import load_tokenizer
+
+    vocab = load_tokenizer(char_data).vocab_size
+    torch.manual_seed(0)
+    if arch == "llama":
+        hf_cfg = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rope_theta=500.0, tie_word_embeddings=False)  # fmt: skip
+        hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    else:
+        hf_cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2,
+                                         n_head=4, bos_token_id=0, eos_token_id=0)  # fmt: skip
+        hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / arch)
+    phase, _ = _phase(char_data, f"--train.init_from={tmp_path / arch}")
+    assert phase.model.cfg.block == arch and phase.model.cfg.dim == 32
+    assert phase.model.cfg.padded_vocab == padded_vocab_size(vocab) == 64  # chat-token rows
+    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = phase.model.eval()(ids)[..., :vocab]
+        assert torch.allclose(ours, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_init_from_refuses_what_it_cannot_map(tmp_path, char_data):
+    from lmforge.tokenizers import ByteTokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(char_data)
+    export_hf(tiny_model(tokenizer, **SHAPE), tokenizer, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["lmforge"]
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    config.pop("rope_parameters")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="rope scaling 'linear' cannot be mapped") as refused:
+        _phase(char_data, f"--train.init_from={tmp_path / 'hf'}")
+    assert "\n" not in str(refused.value)
+    byte = ByteTokenizer()  # a folder of another vocabulary than the data's
+    export_hf(tiny_model(byte, **SHAPE), byte, tmp_path / "bytes")
+    with pytest.raises(UserError, match="not the same vocabulary"):
+        _phase(char_data, f"--train.init_from={tmp_path / 'bytes'}")

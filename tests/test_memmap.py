@@ -19,7 +19,8 @@ def data_dir(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     rng.integers(0, 60_000, 10_000, dtype=np.uint16).tofile(tmp_path / "train.bin")
     rng.integers(0, 60_000, 500, dtype=np.uint16).tofile(tmp_path / "val.bin")
-    meta = {"dtype": "uint16", "train_tokens": 10_000, "val_tokens": 500}
+    meta = {"dtype": "uint16", "train_tokens": 10_000, "val_tokens": 500, "vocab_size": 60_000,
+            "tokenizer": {"name": "gpt2"}}  # fmt: skip
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     return tmp_path
 

@@ -341,7 +341,9 @@ def test_bad_input_changes_nothing(tmp_path: Path, case: str) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "train.bin").write_bytes(b"\x01\x02")
-    (out / "meta.json").write_text("{}")
+    (out / "meta.json").write_text(
+        json.dumps({"written_by": "lmforge prepare", "files": ["train.bin", "meta.json"]})
+    )
     before = (tree_digest(inputs), tree_digest(out), sorted(os.listdir(tmp_path)))
     code, stdout, stderr = run_cli(*args, "--out", str(out), "--overwrite", "--workers", "2")
     assert code == 2, stderr
@@ -359,6 +361,91 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     assert code == 2 and len(stderr.strip().splitlines()) == 1
     assert "--overwrite" in stderr
     assert tree_digest(out) == before
+
+
+def _prepared(out: Path) -> Path:
+    """A real prepared folder (what --overwrite may replace)."""
+    prepare([str(SHAKESPEARE)], out, tokenizer="byte", context=4, workers=1)
+    return out
+
+
+def test_overwrite_replaces_a_folder_prepare_wrote(tmp_path: Path) -> None:
+    out = _prepared(tmp_path / "out")
+    assert json.loads((out / "meta.json").read_text())["written_by"] == "lmforge prepare"
+    (tmp_path / "two.txt").write_text("one document\n\nand another one here\n" * 20)
+    meta = prepare([str(tmp_path / "two.txt")], out, tokenizer="char", context=4, overwrite=True)
+    assert meta["tokenizer"]["name"] == "char" and load_tokenizer(out).name == "char"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "two.txt"]  # no leftovers
+
+
+@pytest.mark.parametrize(
+    "layout, needle",
+    [
+        ("out is the input folder", "holds the input"),
+        ("input inside out", "holds the input"),
+        ("a folder of other files", "no meta.json of prepare's"),
+        ("prepared, plus a file of the user's", "also holds notes.txt"),
+        ("damaged meta.json", "no meta.json of prepare's"),
+    ],
+)
+def test_overwrite_refuses_what_prepare_did_not_write(
+    tmp_path: Path, layout: str, needle: str
+) -> None:
+    """--overwrite deletes the output folder: never one holding an input, never one (like `.`
+    or `~`) holding what prepare did not write. One line, exit 2, every file still there."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "corpus.txt").write_text(SHAKESPEARE.read_text())
+    inputs, out = [str(raw)], tmp_path / "out"
+    if layout == "out is the input folder":
+        out = raw
+    elif layout == "input inside out":
+        out = tmp_path
+        inputs = [str(raw / "corpus.txt")]
+    elif layout == "a folder of other files":
+        out.mkdir()
+        (out / "thesis.tex").write_text("years of work")
+        (out / "photos").mkdir()
+        (out / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    elif layout == "prepared, plus a file of the user's":
+        _prepared(out)
+        (out / "notes.txt").write_text("mine")
+    else:
+        _prepared(out)
+        (out / "meta.json").write_text("{not json")
+    before = tree_digest(tmp_path)
+    code, _, stderr = run_cli(*inputs, "--out", str(out), "--overwrite", "--tokenizer", "byte")
+    assert code == 2, stderr
+    assert len(stderr.strip().splitlines()) == 1 and needle in stderr, stderr
+    assert tree_digest(tmp_path) == before
+
+
+def test_stale_staging_of_a_killed_prepare_is_cleaned(tmp_path: Path) -> None:
+    """A prepare killed mid-way leaves `.OUT.tmp-PID` beside the output; the next run removes it
+    (and only what matches the pattern for a dead process). A run killed between moving the old
+    output aside and renaming the new one in left `.OUT.tmp-PID-old`: it is put back, not lost."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    staging = tmp_path / f".out.tmp-{dead}"
+    staging.mkdir()
+    (staging / "train.bin").write_bytes(b"\0" * 1000)
+    alive = tmp_path / f".out.tmp-{os.getpid()}-abc"  # a live process's: left alone
+    alive.mkdir()
+    keep = tmp_path / ".out.tmp-notes"  # not the pattern: left alone
+    keep.write_text("mine")
+    prepare([str(SHAKESPEARE)], tmp_path / "out", tokenizer="byte", context=4, workers=1)
+    assert not staging.exists() and alive.is_dir() and keep.read_text() == "mine"
+    alive.rmdir()
+
+    # killed between the two renames: no output, the old one aside, the new one staged
+    old = _prepared(tmp_path / "first")
+    old.rename(tmp_path / f".out2.tmp-{dead}-old")
+    (tmp_path / f".out2.tmp-{dead}").mkdir()
+    before = tree_digest(tmp_path / f".out2.tmp-{dead}-old")
+    with pytest.raises(UserError, match="not empty"):  # the old output is back in place
+        prepare([str(SHAKESPEARE)], tmp_path / "out2", tokenizer="byte", context=4)
+    assert tree_digest(tmp_path / "out2") == before
+    assert not (tmp_path / f".out2.tmp-{dead}-old").exists()
 
 
 def test_bad_input_into_new_folder_writes_nothing(tmp_path: Path) -> None:
@@ -414,3 +501,167 @@ def test_chunk_and_piece_boundaries(
     path.write_bytes(text.encode() + b"ok\n\xc3(\n")
     with pytest.raises(UserError, match=f"byte offset {len(text.encode()) + 3} "):
         prepare([str(path)], tmp_path / "bad", tokenizer="char", context=8)
+
+
+# ------------------------------------------------------------------ data kind and phase 1
+INSTRUCT = Path(__file__).parent / "fixtures" / "instruct"
+KIND_CASES = [
+    (INSTRUCT / "alpaca.json", "alpaca", 3),
+    (INSTRUCT / "alpaca.jsonl", "alpaca", 2),
+    (INSTRUCT / "squad_v1.json", "squad", None),
+    (INSTRUCT / "squad_v2.json", "squad", None),
+    (INSTRUCT / "dialogues.txt", "dailydialog", None),
+    (INSTRUCT / "dailydialog.jsonl", "dailydialog", None),
+    (INSTRUCT / "chat.jsonl", "chat", None),
+    (FIXTURES / "alpaca_mini.json", "alpaca", None),
+    (FIXTURES / "squad_mini.json", "squad", None),
+    (FIXTURES / "dialogues_mini.txt", "dailydialog", None),
+]
+
+
+@pytest.mark.parametrize("path, fmt, records", KIND_CASES, ids=lambda v: getattr(v, "name", v))
+def test_meta_records_the_instruction_format(tmp_path: Path, path: Path, fmt: str, records):
+    """prepare writes each source's format and the folder's kind into meta.json; instruction
+    files are read as one document per conversation, its turns one per line."""
+    from lmforge.data.instruct import READERS
+
+    meta = prepare([str(path)], tmp_path / "out", tokenizer="char", context=4, workers=1)
+    assert meta["kind"] == "instruction" and meta["instruction_formats"] == [fmt]
+    assert [s["format"] for s in meta["sources"]] == [fmt]
+    saved = json.loads((tmp_path / "out" / "meta.json").read_text(encoding="utf-8"))
+    assert saved["kind"] == "instruction" and saved["sources"][0]["format"] == fmt
+    conversations = READERS[fmt](path)
+    assert meta["documents"] == len(conversations) == (records or len(conversations))
+    tok = load_tokenizer(tmp_path / "out")
+    text = tok.decode(np.concatenate([read_bin(tmp_path / "out", s) for s in ("train", "val")]))
+    first = "\n".join(turn.content for turn in conversations[0])
+    assert first in text.split("<|endoftext|>")
+
+
+def test_meta_kind_of_plain_text(tmp_path: Path) -> None:
+    meta = prepare([str(SHAKESPEARE)], tmp_path / "txt", tokenizer="char", context=4, workers=1)
+    assert meta["kind"] == "text" and meta["instruction_formats"] == []
+    assert meta["sources"][0]["format"] == "text"
+    jsonl = prepare([str(FIXTURES / "docs.jsonl")], tmp_path / "j", tokenizer="byte", context=4)
+    assert jsonl["kind"] == "text"  # {"text": ...} lines
+    # A file holding an Alpaca record among others makes the folder instruction data.
+    both = prepare([str(SHAKESPEARE), str(INSTRUCT / "alpaca.json")], tmp_path / "both",
+                   tokenizer="char", context=4, workers=1)  # fmt: skip
+    assert both["kind"] == "instruction" and both["instruction_formats"] == ["alpaca"]
+    # Told how to split a .txt, prepare reads a DailyDialog file as text (and still says so).
+    raw = prepare([str(FIXTURES / "dialogues_mini.txt"), str(SHAKESPEARE)], tmp_path / "raw",
+                  tokenizer="char", context=4, doc_per_file=True, workers=1)  # fmt: skip
+    assert raw["documents"] == 2 and raw["instruction_formats"] == ["dailydialog"]
+
+
+def test_json_input_must_be_instruction_data(tmp_path: Path) -> None:
+    other = tmp_path / "settings.json"
+    other.write_text('{"lr": 0.1, "name": "x"}', encoding="utf-8")
+    from helpers import lmforge_captured, one_error_line
+
+    result = lmforge_captured("prepare", other, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    assert "settings.json: a .json file in no instruction format" in one_error_line(result.stderr)
+    assert not (tmp_path / "out").exists()
+    folder = tmp_path / "folder"  # folders are not searched for .json files
+    folder.mkdir()
+    (folder / "alpaca.json").write_bytes((INSTRUCT / "alpaca.json").read_bytes())
+    with pytest.raises(UserError, match="folder has no .txt, .jsonl, .parquet files"):
+        prepare([str(folder)], tmp_path / "out2", tokenizer="char")
+
+
+PHASE1 = ["--model.n_layers=2", "--model.dim=32", "--model.n_heads=2", "--model.context=16",
+          "--train.batch_size=2", "--train.max_steps=2", "--train.sample_every=0",
+          "--log.plot_every=0", "--train.warmup_passes=0", "--train.eval_every=2",
+          "--train.eval_batches=1", "--train.save_every_minutes=0",
+          "--train.device=cpu"]  # fmt: skip
+
+
+def _train(data: Path, run: Path, *extra: str):
+    from helpers import lmforge_captured
+
+    return lmforge_captured("train", f"--data.dir={data}", f"--run.dir={run}", *PHASE1, *extra)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        FIXTURES / "alpaca_mini.json",
+        FIXTURES / "squad_mini.json",
+        FIXTURES / "dialogues_mini.txt",
+        INSTRUCT / "chat.jsonl",
+    ],  # fmt: skip
+    ids=lambda p: p.name,
+)
+def test_phase_1_refuses_instruction_data_in_one_line(tmp_path: Path, path: Path) -> None:
+    from helpers import one_error_line
+
+    data = tmp_path / "data"
+    prepare([str(path)], data, tokenizer="char", context=16, workers=1)
+    result = _train(data, tmp_path / "run")
+    line = one_error_line(result.stderr)
+    assert result.returncode == 2 and "was prepared from instruction data" in line
+    assert f"--sft.data={path.resolve()}" in line and "--data.allow_instruction_data=true" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_phase_1_trains_on_instruction_data_with_the_flag(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    prepare([str(FIXTURES / "alpaca_mini.json")], data, tokenizer="char", context=16, workers=1)
+    result = _train(data, tmp_path / "run", "--data.allow_instruction_data=true")
+    assert result.returncode == 0, result.stderr
+    assert "pretraining on instruction data (alpaca: alpaca_mini.json)" in result.stdout
+    assert (tmp_path / "run" / "checkpoints" / "final_model.pt").is_file()
+
+
+def test_phase_1_checks_folders_prepared_before_kind_was_recorded(tmp_path: Path) -> None:
+    from lmforge.train.pretrain import instruction_sources
+
+    data = tmp_path / "data"
+    prepare([str(FIXTURES / "dialogues_mini.txt")], data, tokenizer="char", context=16, workers=1)
+    meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
+    for key in ("kind", "instruction_formats"):
+        meta.pop(key)
+    for source in meta["sources"]:
+        source.pop("format")
+    assert instruction_sources(meta)[0] == "dailydialog: dialogues_mini.txt"  # from the file
+    (data / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert "was prepared from instruction data" in _train(data, tmp_path / "run").stderr
+    plain = {**meta, "sources": [{"path": str(SHAKESPEARE)}]}
+    assert instruction_sources(plain) == ("", [])
+
+
+def test_data_dir_naming_an_instruction_file(tmp_path: Path) -> None:
+    from helpers import one_error_line
+
+    result = _train(FIXTURES / "squad_mini.json", tmp_path / "run")
+    line = one_error_line(result.stderr)
+    assert "is a file of squad instruction data" in line and "lmforge sft" in line
+
+
+@pytest.mark.parametrize(
+    "relative, fmt",
+    [
+        ("alpaca_excerpt/alpaca_data.json", "alpaca"),
+        ("squad_v2_excerpt/dev-v2.0.json", "squad"),
+        ("dailydialog/validation/dialogues_validation.txt", "dailydialog"),
+    ],  # fmt: skip
+    ids=["alpaca", "squad", "dailydialog"],
+)
+def test_real_instruction_files_are_refused_by_phase_1(tmp_path: Path, relative: str, fmt: str):
+    """The real files in ../shared/data (skipped where absent)."""
+    from lmforge.config import load_config
+    from lmforge.device import pick
+    from lmforge.distributed import Dist
+    from lmforge.train.pretrain import pretrain_phase
+
+    path = shared_file(relative)
+    data = tmp_path / "data"
+    meta = prepare([str(path)], data, tokenizer="char", context=16, workers=2)
+    assert meta["kind"] == "instruction" and meta["instruction_formats"] == [fmt]
+    cfg = load_config(None, [f"--data.dir={data}", *PHASE1])
+    with pytest.raises(UserError, match=f"instruction data \\({fmt}: {path.name}\\)") as refused:
+        pretrain_phase(cfg, Dist(), pick("cpu"))
+    assert "\n" not in str(refused.value)
+    cfg = load_config(None, [f"--data.dir={data}", *PHASE1, "--data.allow_instruction_data=true"])
+    assert pretrain_phase(cfg, Dist(), pick("cpu")).warnings[0].startswith("pretraining on")

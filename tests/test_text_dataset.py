@@ -13,6 +13,7 @@ from lmforge.data.text import (
     TextDataset,
     collate,
     create_dataloaders,
+    default_stride,
     pad_id_of,
     read_documents,
     window_starts,
@@ -73,8 +74,21 @@ def test_window_starts(n: int, max_length: int, stride: int | None, expected: li
     assert window_starts(n, max_length, stride or max_length) == expected
 
 
-def test_default_stride_uses_every_token_once() -> None:
+def test_default_stride_overlaps_as_the_document() -> None:
+    # The document: stride 256 at its default max_length 512; never more than half the window.
+    assert [default_stride(n) for n in (512, 1024, 128, 32, 1)] == [256, 256, 64, 16, 1]
     dataset = TextDataset.from_tokens(range(100), max_length=16)
+    assert dataset.stride == 8 and dataset.starts[:3] == [0, 8, 16]
+    inputs = [dataset[i]["input_ids"].tolist() for i in range(len(dataset))]
+    assert inputs[1][:8] == inputs[0][8:]  # each window repeats half of the one before
+    covered = {token for window in inputs for token in window}
+    assert covered == set(range(99))  # nothing skipped
+    tok = get_tokenizer("word", read_documents(TRAIN))
+    assert TextDataset(TRAIN, tok).stride == 256  # the document's TextDataset(file, tok)
+
+
+def test_stride_max_length_uses_every_token_once() -> None:
+    dataset = TextDataset.from_tokens(range(100), max_length=16, stride=16)
     inputs = torch.cat([dataset[i]["input_ids"] for i in range(len(dataset))]).tolist()
     labels = torch.cat([dataset[i]["labels"] for i in range(len(dataset))]).tolist()
     assert inputs == list(range(99))  # no overlap, nothing skipped

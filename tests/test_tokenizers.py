@@ -207,3 +207,59 @@ def _errors() -> list[UserError]:
             found.append(e)
     assert len(found) == 4
     return found
+
+
+# ------------------------------------------------------------------ the seed document's names
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_len_and_token_id_attributes(name: str) -> None:
+    """seeds/004: len(tokenizer) sizes the model; pad_token_id pads batches."""
+    tok = build(name, fixture_texts()["tinystories_mini.txt"])
+    assert len(tok) == tok.vocab_size
+    assert max(tok.encode("Once upon a time, a dog.")) < len(tok)
+    assert tok.eos_token_id == tok.eot_id
+    expected_pad = 0 if name == "word" else tok.eot_id
+    assert tok.pad_token_id == expected_pad
+    assert (tok.bos_token_id, tok.unk_token_id) == (
+        (2, 1) if name == "word" else (None, tok.vocab_size - 1 if name == "char" else None)
+    )
+
+
+def test_word_tokenizer_built_the_documents_way() -> None:
+    texts = ["это первый текст", "это второй текст"]
+    tok = tk.WordTokenizer(vocab_size=10000)
+    assert len(tok) == 4 and tok.name == "word:10000"  # only <pad> <unk> <bos> <eos>
+    tok.build_vocab(texts)
+    built = tk.WordTokenizer.build(texts, 10000)
+    assert tok.tokens == built.tokens and tok.identity() == built.identity()
+    assert tk.WordTokenizer(10000).max_vocab == 10000
+    assert tok.word2idx["это"] == tok.tokens.index("это")
+    assert tok.idx2word[tok.word2idx["текст"]] == "текст"
+    ids = tok.encode("это текст", add_special_tokens=True)
+    assert ids[0] == tok.bos_id == 2 and ids[-1] == tok.eot_id == 3
+    assert tok.encode("это текст") == ids[1:-1]  # lmforge's default: no specials
+    assert tok.decode(ids, skip_special_tokens=True) == "это текст"
+    assert tok.decode(ids) == "<bos>это текст" + EOT
+    # A limit below the corpus's distinct pieces: the most frequent ones are kept.
+    small = tk.WordTokenizer(vocab_size=6)
+    small.build_vocab(texts)
+    assert len(small) == 6 and small.tokens[4:] == [" ", "текст"]
+    assert small.decode(small.encode("это"), skip_special_tokens=True) == "<unk>"
+
+
+def test_simple_tokenizer_has_the_documents_defaults(tmp_path: Path) -> None:
+    tok = tk.SimpleTokenizer(vocab_size=10000)
+    tok.build_vocab(["это первый текст", "это второй текст"])
+    encoded = tok.encode("это текст")  # the document: [2, 5, 7, 3]
+    assert encoded[0] == 2 and encoded[-1] == 3 and len(encoded) == 5  # ' ' is a token too
+    assert tok.decode(encoded) == "это текст"
+    assert tok.pad_token_id == 0 and len(tok) == 9 <= 10000
+    # With more distinct pieces than vocab_size, len(tokenizer) is the document's 10000.
+    many = tk.SimpleTokenizer(vocab_size=10000)
+    many.build_vocab([" ".join(f"w{i}" for i in range(12000))])
+    assert len(many) == 10000
+    # It is lmforge's word tokenizer on disk: saved and loaded as word:10000.
+    tok.save(tmp_path)
+    back = load_tokenizer(tmp_path, tok.identity())
+    assert isinstance(back, tk.WordTokenizer) and back.tokens == tok.tokens
+    assert back.encode("это текст", add_special_tokens=True) == encoded
+    assert pickle.loads(pickle.dumps(tok)).encode("это текст") == encoded

@@ -1,4 +1,5 @@
-"""The Trainer's Python API, following the seed pipeline's usage examples (seeds/004).
+"""The Trainer's Python API, following the seed pipeline's usage examples (seeds/004), with
+lmforge's own Transformer (tests/test_seed_api.py runs the document's examples as written).
 
 A tiny model (2 layers, width 32) on a few KB of text: every test runs in about a second on CPU.
 """
@@ -21,6 +22,12 @@ from lmforge.train import Trainer
 FIXTURES = Path(__file__).parent / "fixtures" / "text"
 TRAIN, VAL = FIXTURES / "train.txt", FIXTURES / "val.txt"
 MAX_LENGTH = 32
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """The API's default checkpoint_dir is ./checkpoints: keep it out of the repository."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,16 +87,37 @@ def test_basic_training_loss_falls(tmp_path: Path) -> None:
         optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3),
     )
     history = trainer.train(num_epochs=4)
-    steps = 4 * len(train_loader)
+    per_epoch = len(train_loader)
+    steps = 4 * per_epoch
     assert trainer.global_step == steps and trainer.current_epoch == 4
     assert trainer.stop_reason == "finished"
-    # One train_loss per log (every 2 steps, and the last step).
-    assert history["step"] == sorted(set(range(2, steps + 1, 2)) | {steps})
-    assert len(history["train_loss"]) == len(history["step"]) == len(history["lr"])
+    # One value per epoch, as the document's history has it...
+    assert history["epoch"] == [1, 2, 3, 4]
+    assert history["step"] == [per_epoch, 2 * per_epoch, 3 * per_epoch, steps]
+    assert len(history["train_loss"]) == len(history["lr"]) == 4
     assert history["train_loss"][-1] < history["train_loss"][0] - 0.5
     assert history["train_loss"][0] < math.log(tokenizer.vocab_size) + 1.0
-    assert history == trainer.history.as_dict()
-    assert sum(line.startswith("step ") for line in lines) == len(history["step"])
+    assert history == trainer.history.as_dict() == dict(trainer.history)
+    assert trainer.history["train_loss"] == trainer.history.train_loss == history["train_loss"]
+    # ...and one train_loss per log line (every 2 steps, and the last step) in its rows.
+    logged = trainer.history.steps()
+    assert logged["step"] == sorted(set(range(2, steps + 1, 2)) | {steps})
+    assert sum(line.startswith("step ") for line in lines) == len(logged["step"])
+    assert sum(line.startswith("epoch ") for line in lines) == 4
+
+
+def test_epoch_train_loss_is_the_mean_of_its_steps() -> None:
+    train_loader, _, tokenizer = loaders()
+    model = tiny_model(tokenizer)
+    trainer, _ = quiet_trainer(
+        model, train_loader, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3)
+    )
+    history = trainer.train(num_epochs=2)
+    per_step = trainer.history.steps()["train_loss"]  # log_interval=1: every step's loss
+    per_epoch = len(train_loader)
+    assert len(per_step) == 2 * per_epoch
+    expected = [sum(per_step[:per_epoch]) / per_epoch, sum(per_step[per_epoch:]) / per_epoch]
+    assert history["train_loss"] == pytest.approx(expected)
 
 
 def test_default_optimizer_learns() -> None:
@@ -140,9 +168,10 @@ def test_training_with_validation_fills_val_history(tmp_path: Path) -> None:
     )
     history = trainer.train(num_epochs=3)
     # As the seed's example zips them: one validation per epoch.
-    assert len(history["val_loss"]) == 3
+    assert len(history["val_loss"]) == len(history["train_loss"]) == 3
     per_epoch = len(train_loader)
-    assert history["val_step"] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert history["step"] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert trainer.history.steps()["val_step"] == history["step"]
     assert history["val_perplexity"] == pytest.approx([math.exp(v) for v in history["val_loss"]])
     assert history["val_loss"][-1] < history["val_loss"][0]
     assert trainer.best_val_loss == min(history["val_loss"])
@@ -205,7 +234,7 @@ def test_custom_optimizer_and_criterion(tmp_path: Path) -> None:
     history = trainer.train(num_epochs=4)
     assert optimizer.param_groups[0]["lr"] == 1.0  # the user's learning rate is kept
     assert history["train_loss"][-1] < history["train_loss"][0] - 0.3
-    assert max(history["grad_norm"]) > 0
+    assert max(trainer.history.steps()["grad_norm"]) > 0
     # validate() uses the criterion too: its per-batch means, weighted by target tokens.
     total, count = 0.0, 0
     model.eval()
@@ -234,6 +263,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, shuffle: bool) -> None
         if epochs_first is None:
             return trainer.train(num_epochs=4), model
         trainer.train(num_epochs=epochs_first)
+        assert len(trainer.history["train_loss"]) == epochs_first
         path = directory / "my_checkpoint.pt"
         trainer.save_checkpoint(path)
         # A new process: new loaders, a new (differently initialised) model, a new Trainer.
@@ -248,7 +278,9 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, shuffle: bool) -> None
         resumed.load_checkpoint(path)
         assert resumed.current_epoch == epochs_first
         assert resumed.global_step == epochs_first * len(train_loader)
-        return resumed.train(num_epochs=4), new_model
+        assert resumed.history["epoch"] == list(range(1, epochs_first + 1))
+        # The document's "continue from epoch 11": num_epochs counts from the checkpoint on.
+        return resumed.train(num_epochs=4 - epochs_first), new_model
 
     history_full, model_full = run(None)
     history_resumed, model_resumed = run(2)
@@ -277,8 +309,10 @@ def test_resume_mid_epoch(tmp_path: Path) -> None:
     path = first.save_checkpoint()
     resumed, model_resumed, _ = make()
     resumed.load_checkpoint(path)
-    resumed.train(num_epochs=2)
+    resumed.train(num_epochs=1)  # the rest of the epoch that was under way
+    assert resumed.global_step == full.global_step == 2 * per_epoch
     assert resumed.history.as_dict() == full.history.as_dict()
+    assert resumed.history.steps() == full.history.steps()
     for name, value in model_full.state_dict().items():
         assert torch.equal(value, model_resumed.state_dict()[name]), name
 
@@ -310,6 +344,29 @@ def test_gradient_accumulation_equals_bigger_batch(tmp_path: Path) -> None:
         torch.testing.assert_close(models[1].state_dict()[name], value, atol=1e-6, rtol=0)
 
 
+def test_accumulation_epoch_reads_every_batch_once() -> None:
+    # 7 batches, 2 per step: an epoch is 4 steps, the last with the 1 batch left; the next
+    # epoch starts on a step of its own (with the loader's order of that epoch).
+    train_loader, _, tokenizer = loaders(batch_size=12, shuffle=True)
+    assert len(train_loader) == 7
+    trainer, _ = quiet_trainer(tiny_model(tokenizer), train_loader, gradient_accumulation_steps=2)
+    read: list[torch.Tensor] = []
+    get = trainer.train_data.get
+
+    def recording_get(step: int, micro_step: int) -> dict[str, torch.Tensor]:
+        batch = get(step, micro_step)
+        read.append(batch["input_ids"])
+        return batch
+
+    trainer.train_data.get = recording_get
+    history = trainer.train(num_epochs=2, save_every=0)
+    assert trainer.global_step == 8 and history["step"] == [4, 8] and len(read) == 14
+    for epoch in range(2):
+        train_loader.sampler.set_epoch(epoch)
+        expected = [batch["input_ids"] for batch in train_loader]
+        assert all(torch.equal(a, b) for a, b in zip(read[7 * epoch : 7 * epoch + 7], expected))
+
+
 # ------------------------------------------------------------------------ history, checkpoints
 def test_save_history_writes_json(tmp_path: Path) -> None:
     train_loader, val_loader, tokenizer = loaders(val=True)
@@ -321,8 +378,8 @@ def test_save_history_writes_json(tmp_path: Path) -> None:
     trainer.save_history(path)
     saved = json.loads(path.read_text(encoding="utf-8"))
     assert saved == history
-    assert {"train_loss", "val_loss", "lr", "step"} <= set(saved)
-    assert len(saved["train_loss"]) == len(train_loader) and len(saved["val_loss"]) == 1
+    assert {"train_loss", "val_loss", "lr", "step", "epoch"} <= set(saved)
+    assert len(saved["train_loss"]) == len(saved["val_loss"]) == 1
 
 
 def test_save_every_epoch_writes_checkpoints(tmp_path: Path) -> None:

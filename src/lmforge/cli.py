@@ -1,5 +1,5 @@
-"""The `lmforge` command: one subcommand per stage (`lmforge.commands`), each a thin layer over
-the library.
+"""The `lmforge` command: one subcommand per stage (`lmforge.commands`, where the parser is
+built), each a thin layer over the library.
 
 User mistakes raise `UserError`; here they become one line on stderr and exit status 2, and so do
 the disk's refusals (full, read-only, no permission, I/O error). Anything else is a bug and keeps
@@ -8,41 +8,15 @@ its traceback.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
-from types import ModuleType
 
-from lmforge import __version__
-from lmforge.commands import COMMANDS
-from lmforge.commands._args import Formatter, Parser
+from lmforge.commands import build_parser, command_module
 from lmforge.errors import UserError
 
 
-def command_module(name: str) -> ModuleType:
-    return importlib.import_module(f"lmforge.commands.{COMMANDS[name][0]}")
-
-
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only `command`'s options are built (None: all, e.g. for docs and tests)."""
-    parser = Parser(
-        prog="lmforge",
-        formatter_class=Formatter,
-        description="Train small GPT/Llama-style language models from scratch: "
-        "prepare -> train -> sft -> report / generate / chat / eval / export.",
-    )
-    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=Formatter)
-        if command is None or command == name:
-            command_module(name).add_arguments(p)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    from lmforge.distributed import PeerFailed
-    from lmforge.files import disk_error
+    from lmforge.errors import PeerFailed
+    from lmforge.files import DISK_ERRNOS, disk_error
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -64,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk said no outside a guarded write: still one line
-        if e.errno is None or e.filename is None:
-            raise
-        print(f"lmforge: error: {disk_error(e.filename, e, 'access')}", file=sys.stderr)
+        if e.errno not in DISK_ERRNOS:
+            raise  # not the disk's refusal: a bug, with its traceback
+        where = e.filename or "a file"
+        print(f"lmforge: error: {disk_error(where, e, 'write')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)

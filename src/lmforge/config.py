@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,19 +271,26 @@ def model_config(preset_or_path: str, **overrides: Any) -> ModelConfig:
     if preset_or_path in PRESETS:
         raw: dict[str, Any] = {"preset": preset_or_path}
     elif preset_or_path.endswith((".yaml", ".yml")) or Path(preset_or_path).exists():
-        raw = dict(read_yaml(preset_or_path).get("model") or {})
+        section = read_yaml(preset_or_path).get("model") or {}
+        if not isinstance(section, dict):
+            raise UserError(f"config section 'model' in {preset_or_path} must be a mapping of keys")
+        raw = dict(section)
     else:
         raise UserError(
             f"unknown preset or config '{preset_or_path}': use one of "
             f"{', '.join(PRESETS)} or a YAML file"
         )
     raw.update(overrides)
-    return _build_model(raw)
+    cfg = _build_model(raw)
+    validate_model(cfg)
+    return cfg
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
     """A ModelConfig from saved values (a checkpoint's or an export's), checked like any config."""
-    return _build_section(ModelConfig, values, "model")
+    cfg = _build_section(ModelConfig, values, "model")
+    validate_model(cfg)
+    return cfg
 
 
 def _build_model(raw: dict[str, Any]) -> ModelConfig:
@@ -297,6 +305,8 @@ def _build_model(raw: dict[str, Any]) -> ModelConfig:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder: name a YAML file")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
@@ -438,64 +448,192 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if kind is list:
         if isinstance(value, str):
             return [value]
-        if isinstance(value, list):
+        if isinstance(value, list) and all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in value
+        ):
             return [str(v) for v in value]
         raise wrong()
     return value
 
 
-def validate(cfg: Config) -> None:
-    """Impossible values fail before any work, naming the key."""
-    m, t, o = cfg.model, cfg.train, cfg.optim
+# Where a value has one valid range, it is stated here once, as the error message words it.
+_NOT_NEGATIVE = ">= 0"
+_POSITIVE = "positive"
+_UNIT = "in [0, 1)"
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MAX_SEED = 2**62
 
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(message)
 
-    for key in ("n_layers", "dim", "n_heads", "context", "vocab_size"):
-        need(getattr(m, key) > 0, f"model.{key} must be positive (got {getattr(m, key)})")
-    need(
+def validate_model(m: ModelConfig) -> None:
+    """The model section's impossible values (also checked for a checkpoint's saved config)."""
+    _finite(m, "model")
+    _ranges(
+        m,
+        "model",
+        {
+            "n_layers": (m.n_layers > 0, _POSITIVE),
+            "dim": (m.dim > 0, _POSITIVE),
+            "n_heads": (m.n_heads > 0, _POSITIVE),
+            "n_kv_heads": (m.n_kv_heads >= 0, ">= 0 (0 = model.n_heads)"),
+            "ffn_hidden": (m.ffn_hidden >= 0, ">= 0 (0 = 4 * model.dim)"),
+            "context": (m.context > 0, _POSITIVE),
+            "max_context": (m.max_context > 0, _POSITIVE),
+            "vocab_size": (m.vocab_size > 0, _POSITIVE),
+            "pad_vocab_multiple": (m.pad_vocab_multiple >= 0, ">= 0 (0 or 1 = no padding)"),
+            "canon": (0 <= m.canon <= 16, "0 (off) to 16"),
+            "dropout": (0.0 <= m.dropout < 1.0, _UNIT),
+            "rope_theta": (m.rope_theta > 0, _POSITIVE),
+            "norm_eps": (m.norm_eps > 0, _POSITIVE),
+            "init_std": (m.init_std > 0, _POSITIVE),
+        },
+    )
+    _need(
         m.dim % m.n_heads == 0,
         f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})",
     )
-    need(
-        m.n_kv_heads >= 0 and m.n_heads % m.kv_heads == 0,
+    _need(
+        m.n_heads % m.kv_heads == 0,
         f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})",
     )
-    need(
+    _need(
         m.block == "gpt2" or m.head_dim % 2 == 0,
         f"model.dim / model.n_heads must be even for RoPE (got {m.head_dim})",
     )
-    need(
+    _need(
         m.context <= m.max_context,
         f"model.context ({m.context}) is above the preset's maximum ({m.max_context}): "
         f"lower it or raise model.max_context",
     )
-    need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1) (got {m.dropout})")
-    need(0 <= m.canon <= 16, f"model.canon must be 0 (off) to 16 (got {m.canon})")
-    need(t.batch_size > 0, f"train.batch_size must be positive (got {t.batch_size})")
-    need(t.grad_accum > 0, f"train.grad_accum must be positive (got {t.grad_accum})")
-    need(
-        t.max_steps >= 0 and t.max_epochs >= 0, "train.max_steps and train.max_epochs must be >= 0"
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values fail before any work, naming the key and the value: every float must
+    be finite, every number in its range, every string of the form its key reads."""
+    validate_model(cfg.model)
+    for section in SECTIONS:
+        if section != "model":
+            _finite(getattr(cfg, section), section)
+    d, t, o, s, log, sft = cfg.data, cfg.train, cfg.optim, cfg.schedule, cfg.log, cfg.sft
+    _ranges(d, "data", {"stride": (d.stride >= 0, ">= 0 (0 = model.context)")})
+    _ranges(
+        t,
+        "train",
+        {
+            "max_steps": (t.max_steps >= 0, ">= 0 (0 = until train.max_epochs)"),
+            "max_epochs": (t.max_epochs >= 0, ">= 0 (0 = no limit)"),
+            "batch_size": (t.batch_size > 0, _POSITIVE),
+            "grad_accum": (t.grad_accum > 0, _POSITIVE),
+            "seed": (0 <= t.seed <= MAX_SEED, "a whole number from 0 to 2**62"),
+            "device": (bool(DEVICE.match(t.device)), "auto, cpu, cuda, cuda:N or mps"),
+            "threads": (t.threads >= 0, ">= 0 (0 = physical cores)"),
+            "max_grad_norm": (t.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+            "max_skipped_steps": (t.max_skipped_steps >= 1, "at least 1"),
+            "save_every": (t.save_every >= 0, ">= 0 (0 = only at the end)"),
+            "save_every_minutes": (t.save_every_minutes >= 0, ">= 0 (0 = off)"),
+            "keep_last": (t.keep_last >= 1, "at least 1"),
+            "eval_every": (t.eval_every >= 0, ">= 0 (0 = only at the end)"),
+            "eval_batches": (t.eval_batches > 0, _POSITIVE),
+            "patience": (t.patience >= 0, ">= 0 (0 = off)"),
+            "min_delta": (t.min_delta >= 0, _NOT_NEGATIVE),
+            "sample_every": (t.sample_every >= 0, ">= 0 (0 = off)"),
+            "sample_tokens": (t.sample_tokens > 0, _POSITIVE),
+            "sample_temperature": (t.sample_temperature >= 0, ">= 0 (0 = greedy)"),
+            "resume": (bool(t.resume.strip()), "auto, none or a checkpoint path"),
+            "warmup_passes": (t.warmup_passes >= 0, _NOT_NEGATIVE),
+        },
     )
-    need(t.max_steps > 0 or t.max_epochs > 0, "set train.max_steps or train.max_epochs above 0")
-    need(t.keep_last >= 1, f"train.keep_last must be at least 1 (got {t.keep_last})")
-    need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (got {t.max_grad_norm})")
-    need(t.eval_batches > 0, f"train.eval_batches must be positive (got {t.eval_batches})")
-    for key in ("save_every", "eval_every", "sample_every", "patience", "warmup_passes", "threads"):
-        need(getattr(t, key) >= 0, f"train.{key} must be >= 0 (got {getattr(t, key)})")
-    need(o.lr > 0, f"optim.lr must be positive (got {o.lr})")
-    need(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr] (got {o.min_lr})")
-    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {o.weight_decay})")
-    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
-    need(o.muon_lr > 0, f"optim.muon_lr must be positive (got {o.muon_lr})")
-    need(cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps must be >= 0")
-    need(0 < cfg.schedule.wsd_decay_fraction <= 1, "schedule.wsd_decay_fraction must be in (0, 1]")
-    need(cfg.log.log_every > 0, f"log.log_every must be positive (got {cfg.log.log_every})")
-    need(cfg.log.plot_every >= 0, "log.plot_every must be >= 0")
-    need(0 < cfg.sft.val_fraction < 1, "sft.val_fraction must be in (0, 1)")
-    need(cfg.sft.max_epochs > 0, "sft.max_epochs must be positive")
-    need(cfg.sft.questions_per_story > 0, "sft.questions_per_story must be positive")
+    _need(t.max_steps > 0 or t.max_epochs > 0, "set train.max_steps or train.max_epochs above 0")
+    _ranges(
+        o,
+        "optim",
+        {
+            "lr": (o.lr > 0, _POSITIVE),
+            "min_lr": (0 <= o.min_lr <= o.lr, f"in [0, optim.lr = {o.lr}]"),
+            "weight_decay": (o.weight_decay >= 0, _NOT_NEGATIVE),
+            "beta1": (0 <= o.beta1 < 1, _UNIT),
+            "beta2": (0 <= o.beta2 < 1, _UNIT),
+            "eps": (o.eps > 0, _POSITIVE),
+            "muon_lr": (o.muon_lr > 0, _POSITIVE),
+            "muon_momentum": (0 <= o.muon_momentum < 1, _UNIT),
+        },
+    )
+    _ranges(
+        s,
+        "schedule",
+        {
+            "warmup_steps": (s.warmup_steps >= 0, _NOT_NEGATIVE),
+            "decay_steps": (s.decay_steps >= 0, ">= 0 (0 = train.max_steps)"),
+            "wsd_decay_fraction": (0 < s.wsd_decay_fraction <= 1, "in (0, 1]"),
+        },
+    )
+    _ranges(
+        log,
+        "log",
+        {
+            "log_every": (log.log_every > 0, _POSITIVE),
+            "plot_every": (log.plot_every >= 0, ">= 0 (0 = only at the end)"),
+            "peak_tflops": (log.peak_tflops >= 0, ">= 0 (0 = from the known-device table)"),
+        },
+    )
+    _need(bool(cfg.run.dir.strip()), "run.dir is empty: name the run folder, e.g. --run.dir=runs/x")
+    _ranges(
+        sft,
+        "sft",
+        {
+            "val_fraction": (0 < sft.val_fraction < 1, "in (0, 1)"),
+            "patience": (sft.patience >= 0, ">= 0 (0 = off)"),
+            "min_delta": (sft.min_delta >= 0, _NOT_NEGATIVE),
+            "max_epochs": (sft.max_epochs > 0, _POSITIVE),
+            "questions_per_story": (sft.questions_per_story > 0, _POSITIVE),
+        },
+    )
+    _check_sources(sft)
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _finite(section: Any, name: str) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{name}.{f.name} must be a finite number; got {value}")
+
+
+def _ranges(section: Any, name: str, checks: dict[str, tuple[bool, str]]) -> None:
+    for key, (ok, requirement) in checks.items():
+        if not ok:
+            value = getattr(section, key)
+            raise UserError(f"{name}.{key} must be {requirement}; got {value!r}")
+
+
+def _check_sources(sft: SFTConfig) -> None:
+    """sft.data: no entry without a path (`squad:` alone would read the current folder);
+    sft.weights: one finite number >= 0 per sft.data source, not all zero."""
+    for item in sft.data.split(","):
+        prefix, colon, path = item.strip().partition(":")
+        if colon and prefix and not path.strip():
+            raise UserError(f"sft.data: {item.strip()!r} names no file or folder after the ':'")
+    if not sft.weights.strip():
+        return
+    items = [w.strip() for w in sft.weights.split(",")]
+    try:
+        values = [float(w) for w in items]
+    except ValueError:
+        raise UserError(
+            f"sft.weights must be comma-separated numbers, one per sft.data source, e.g. 1,0.5 "
+            f"(got {sft.weights!r})"
+        ) from None
+    if any(not math.isfinite(w) or w < 0 for w in values) or not any(values):
+        raise UserError(f"sft.weights must be finite, >= 0 and not all 0 (got {sft.weights!r})")
+    sources = [item for item in sft.data.split(",") if item.strip()]
+    if sources and len(sources) != len(values):
+        raise UserError(
+            f"sft.weights has {len(values)} weights for {len(sources)} sft.data sources "
+            f"(got {sft.weights!r}): give one weight per comma-separated source"
+        )
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -153,8 +153,9 @@ def cpu_peak_flops(dtype: str = "fp32", remeasure: bool = False) -> float:
     if not remeasure and isinstance(cached.get(key), (int, float)):
         return float(cached[key])
     n = 2048
-    a = torch.randn(n, n, dtype=DTYPES[kind])
-    b = torch.randn(n, n, dtype=DTYPES[kind])
+    rng = torch.Generator().manual_seed(0)  # its own: a run's RNG stream must not depend on it
+    a = torch.rand(n, n, generator=rng).to(DTYPES[kind])
+    b = torch.rand(n, n, generator=rng).to(DTYPES[kind])
     a @ b  # warm-up: thread pool, packing buffers
     best, deadline = float("inf"), time.perf_counter() + 0.6
     while time.perf_counter() < deadline:

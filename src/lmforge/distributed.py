@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lmforge.errors import UserError
+from lmforge.errors import PeerFailed, UserError
 
 T = TypeVar("T")
 
@@ -58,10 +58,6 @@ class Dist:
         if self.backend == "nccl":
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
-
-
-class PeerFailed(UserError):
-    """Another rank refused the run; that rank's message says why (this one prints nothing)."""
 
 
 def agree(d: Dist, work: Callable[[], T]) -> T:

@@ -7,3 +7,8 @@ escapes is a bug in lmforge and gets a traceback.
 
 class UserError(Exception):
     """A problem with the user's input: the message says what was wrong and what to do."""
+
+
+class PeerFailed(UserError):
+    """Under torchrun: another rank refused the run; that rank's message says why (this one
+    prints nothing)."""

@@ -16,6 +16,8 @@ config alone.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -31,6 +33,7 @@ from lmforge.chat_format import CHAT_TEMPLATE, CHAT_TOKENS
 from lmforge.config import ModelConfig, model_config_from_dict
 from lmforge.device import DTYPES
 from lmforge.errors import UserError
+from lmforge.files import disk_error
 from lmforge.model import Transformer
 from lmforge.tokenizers import (
     EOT,
@@ -599,6 +602,13 @@ def export_hf(
             tmp / "tokenizer_config.json", _tokenizer_config(tokenizer, cfg, with_chat, sft)
         )
         return _move_into(tmp, out)
+    except OSError as e:
+        raise disk_error(out, e) from None
+    except Exception as e:  # safetensors and tokenizers report a failed write as their own error
+        if "No space" in str(e) or "os error" in str(e).lower() or "IoError" in str(e):
+            raise disk_error(out, OSError(errno.ENOSPC if "space" in str(e) else errno.EIO,
+                                          str(e))) from None  # fmt: skip
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -613,8 +623,13 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
 
 
 def _staging_folder(out: Path) -> Path:
+    """A new folder beside `out` to build the export in, named `.OUT.tmp-PID-XXXX` like every
+    temporary of lmforge's; those that killed exports left there are removed first."""
+    from lmforge.files import remove_stale_temporaries
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out.parent)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
 
 
 def _move_into(tmp: Path, out: Path) -> list[Path]:
@@ -714,6 +729,9 @@ def export_gguf(
 
     arch = "llama" if cfg.block == "llama" else "gpt2"
     out.parent.mkdir(parents=True, exist_ok=True)
+    from lmforge.files import remove_stale_temporaries
+
+    remove_stale_temporaries(out.parent)  # what killed exports left
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
@@ -763,8 +781,14 @@ def export_gguf(
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise disk_error(out, e) from None
     except BaseException:
-        writer.close()
+        with contextlib.suppress(OSError):
+            writer.close()
         tmp.unlink(missing_ok=True)
         raise
     return out
@@ -814,3 +838,46 @@ def gguf_tensors(model: Transformer) -> list[tuple[str, np.ndarray]]:
     if not cfg.tie_embeddings:
         out.append(("output.weight", sd["lm_head.weight"]))
     return [(name, np.ascontiguousarray(array)) for name, array in out]
+
+
+# --------------------------------------------------------------------------------------------
+# Checking an export with its real client
+# --------------------------------------------------------------------------------------------
+def hf_greedy_matches(
+    folder: str | Path,
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_tokens: list[int],
+    vocab_limit: int | None = None,
+) -> tuple[int, list[tuple[int, list[int], list[int]]]]:
+    """Greedy continuations of `prompts` by `transformers` (the exported folder) and by lmforge
+    (`model`): (how many are equal, [(index, lmforge ids, transformers ids)] of those that are
+    not). transformers stops at the same stop tokens; lmforge's `vocab_limit` (never emitting a
+    spare row) has no HF equivalent, so a trained model is what this compares."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    differ = []
+    with torch.no_grad():
+        ours = [
+            ids
+            for k in range(0, len(prompts), 16)
+            for ids in model.generate(
+                prompts[k : k + 16],
+                max_new_tokens,
+                temperature=0.0,
+                stop_tokens=stop_tokens,
+                vocab_limit=vocab_limit,
+            )
+        ]
+        for i, (prompt, mine) in enumerate(zip(prompts, ours)):
+            ids = torch.tensor([prompt])
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=max_new_tokens, eos_token_id=stop_tokens,
+                              pad_token_id=stop_tokens[0])[0, len(prompt):].tolist()  # fmt: skip
+            cut = next((j for j, t in enumerate(out) if t in stop_tokens), len(out))
+            theirs = out[:cut]
+            if theirs != mine:
+                differ.append((i, mine, theirs))
+    return len(prompts) - len(differ), differ

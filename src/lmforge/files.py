@@ -42,8 +42,22 @@ class DiskError(UserError):
 
 def disk_error(path: str | Path, error: OSError, doing: str = "write") -> DiskError:
     """The one-line error for an OSError on `path`."""
-    what = DISK_ERRNOS.get(error.errno or 0) or (error.strerror or str(error))
-    return DiskError(f"could not {doing} {path}: {what}")
+    what = DISK_ERRNOS.get(error.errno or 0)
+    if what is None and error.errno is None and _nearly_full(Path(path)):
+        what = DISK_ERRNOS[errno.ENOSPC]  # a write that stopped short: the disk filled up
+    return DiskError(f"could not {doing} {path}: {what or error.strerror or error}")
+
+
+def _nearly_full(path: Path) -> bool:
+    import shutil
+
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free < (1 << 20)
+            except OSError:
+                return False
+    return False
 
 
 def temp_path(path: Path) -> Path:

@@ -81,13 +81,19 @@ class Tokenizer(ABC):
             return "" if CHAT_TOKENS[chat] == "<|pad|>" else CHAT_TOKENS[chat]
         return None
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; eot and chat ids render as their strings, the pad id as nothing."""
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; eot and chat ids render as their strings, the pad id as nothing.
+
+        ``skip_special_tokens`` renders every special id but the unknown-token one as nothing.
+        """
         parts: list[str] = []
         run: list[int] = []
+        unk = getattr(self, "unk_id", None)
         for token_id in ids:
             token_id = int(token_id)
             special = self._special_text(token_id)
+            if special is not None and skip_special_tokens and token_id != unk:
+                special = ""
             if special is None:
                 if not 0 <= token_id < self.vocab_size:
                     raise ValueError(f"token id {token_id} is outside the vocabulary")
@@ -111,6 +117,29 @@ class Tokenizer(ABC):
     @property
     def padded_vocab_size(self) -> int:
         return padded_vocab_size(self.vocab_size)
+
+    # The seed pipeline's names (seeds/004): len(tokenizer) and the *_token_id attributes.
+    def __len__(self) -> int:
+        """The vocabulary size: the ids ``encode`` gives are ``0 .. len(tokenizer) - 1``."""
+        return self.vocab_size
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id that pads a batch: the tokenizer's own pad token (word: 0), else end-of-text."""
+        pad = getattr(self, "pad_id", None)
+        return self.eot_id if pad is None else pad
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.eot_id
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return getattr(self, "bos_id", None)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return getattr(self, "unk_id", None)
 
     def _vocab_file(self) -> tuple[str, bytes] | None:
         """(file name, exact bytes) of the vocabulary file for trained vocabularies."""
@@ -365,17 +394,38 @@ class WordTokenizer(Tokenizer):
     """Frequency-ranked words, punctuation marks and whitespace runs, plus <pad> <unk> <bos> <eos>.
 
     ``<eos>`` doubles as the end-of-text token. Text without unknown words round-trips exactly.
+    ``WordTokenizer(vocab_size=N)`` then ``build_vocab(texts)`` is the seed document's way to make
+    one (``SimpleTokenizer`` below keeps its defaults too); ``WordTokenizer.build(texts, N)`` is
+    the same in one call. ``vocab_size`` is always the number of tokens the vocabulary holds;
+    ``max_vocab`` is the limit it was built under (None: every piece of the texts).
     """
 
-    def __init__(self, tokens: Sequence[str], name: str = "word") -> None:
-        self.name = name
+    def __init__(
+        self,
+        tokens: Sequence[str] | int | None = None,
+        name: str | None = None,
+        *,
+        vocab_size: int | None = None,
+    ) -> None:
+        if isinstance(tokens, int):  # WordTokenizer(10000), as SimpleTokenizer(vocab_size)
+            tokens, vocab_size = None, tokens
+        if vocab_size is None and name and name.startswith("word:"):
+            vocab_size = check_tokenizer_name(name)
+        if vocab_size is not None:
+            check_tokenizer_name(f"word:{vocab_size}")
+        self.max_vocab = vocab_size
+        self.name = name or ("word" if vocab_size is None else f"word:{vocab_size}")
+        self.pad_id, self.unk_id, self.bos_id, self.eot_id = range(len(WORD_SPECIALS))
+        self._set_tokens(WORD_SPECIALS if tokens is None else tokens)
+
+    def _set_tokens(self, tokens: Sequence[str]) -> None:
         self.tokens = list(tokens)  # WORD_SPECIALS first
         self._stoi = {t: i for i, t in enumerate(self.tokens)}
-        self.pad_id, self.unk_id, self.bos_id, self.eot_id = range(len(WORD_SPECIALS))
         self.vocab_size = len(self.tokens)
 
-    @classmethod
-    def build(cls, texts: Iterable[str], max_vocab: int | None = None) -> WordTokenizer:
+    @staticmethod
+    def ranked_tokens(texts: Iterable[str], max_vocab: int | None = None) -> list[str]:
+        """The vocabulary of ``texts``: the specials, then pieces by falling frequency."""
         counts: Counter[str] = Counter()
         for text in texts:
             pieces = WORD_SPLIT.findall(text)
@@ -389,18 +439,41 @@ class WordTokenizer(Tokenizer):
         if max_vocab is not None:
             check_tokenizer_name(f"word:{max_vocab}")
             ranked = ranked[: max_vocab - len(WORD_SPECIALS)]
-        name = "word" if max_vocab is None else f"word:{max_vocab}"
-        return cls([*WORD_SPECIALS, *ranked], name)
+        return [*WORD_SPECIALS, *ranked]
 
-    def encode(self, text: str) -> list[int]:
+    @classmethod
+    def build(cls, texts: Iterable[str], max_vocab: int | None = None) -> WordTokenizer:
+        tokenizer = cls(vocab_size=max_vocab)
+        tokenizer.build_vocab(texts)
+        return tokenizer
+
+    def build_vocab(self, texts: Iterable[str]) -> None:
+        """(Re)build the vocabulary from ``texts``: at most ``max_vocab`` tokens, most frequent
+        pieces first. Replaces any vocabulary this tokenizer had."""
+        self._set_tokens(self.ranked_tokens(texts, self.max_vocab))
+
+    @property
+    def word2idx(self) -> dict[str, int]:
+        """Token -> id (a copy), as the seed's SimpleTokenizer names it."""
+        return dict(self._stoi)
+
+    @property
+    def idx2word(self) -> dict[int, str]:
+        """Id -> token, as the seed's SimpleTokenizer names it."""
+        return dict(enumerate(self.tokens))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of ``text``; ``add_special_tokens`` puts ``<bos>`` before and ``<eos>`` after."""
         get, unk = self._stoi.get, self.unk_id
-        ids = []
+        ids = [self.bos_id] if add_special_tokens else []
         for piece in WORD_SPLIT.findall(text):
             token_id = get(piece, unk)
             if token_id == unk and piece[0].isspace():
                 ids.extend(get(c, unk) for c in piece)  # an unseen whitespace run: char by char
             else:
                 ids.append(token_id)
+        if add_special_tokens:
+            ids.append(self.eot_id)
         return ids
 
     def _special_text(self, token_id: int) -> str | None:
@@ -424,6 +497,35 @@ class WordTokenizer(Tokenizer):
     def _vocab_file(self) -> tuple[str, bytes]:
         data = {"type": "word", "tokens": self.tokens}
         return VOCAB_FILE, json.dumps(data, ensure_ascii=False).encode("utf-8")
+
+
+class SimpleTokenizer(WordTokenizer):
+    """The seed pipeline's ``SimpleTokenizer`` (seeds/004), with the defaults its document gives::
+
+        tokenizer = SimpleTokenizer(vocab_size=10000)
+        tokenizer.build_vocab(["это первый текст", "это второй текст"])
+        ids = tokenizer.encode("это текст")  # [2, ..., 3]: <bos> ... <eos>
+        tokenizer.decode(ids)                # "это текст"
+        len(tokenizer), tokenizer.pad_token_id  # the vocabulary's size, 0
+
+    It is lmforge's word tokenizer (saved, loaded and prepared as ``word:N``); only two defaults
+    differ, as the document has them: ``encode`` adds ``<bos>``/``<eos>`` unless
+    ``add_special_tokens=False``, and ``decode`` drops special tokens unless
+    ``skip_special_tokens=False``. lmforge's other tokenizers never add special tokens in
+    ``encode``. ``len(tokenizer)`` is the number of tokens the vocabulary holds: ``vocab_size``
+    (10000 in the document) is the most it may hold, reached when the texts have that many
+    distinct words, punctuation marks and spaces. Words are kept as written (no lower-casing),
+    and spaces are tokens too, so that ``decode(encode(text)) == text`` for known words.
+    """
+
+    def __init__(self, vocab_size: int | None = 10000) -> None:
+        super().__init__(vocab_size=vocab_size)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return super().encode(text, add_special_tokens)
+
+    def decode(self, token_ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return super().decode(token_ids, skip_special_tokens)
 
 
 # ------------------------------------------------------------------------------------ factory
@@ -496,21 +598,31 @@ def load_tokenizer(directory: str | Path, identity: dict[str, Any] | None = None
     whose hash differs from the identity's is refused.
     """
     directory = Path(directory)
+    where = "the checkpoint's tokenizer record"
     if identity is None:
         meta_path = directory / "meta.json"
+        where = str(meta_path)
         try:
             identity = json.loads(meta_path.read_text(encoding="utf-8"))["tokenizer"]
         except FileNotFoundError as e:
             raise UserError(
                 f"{meta_path} not found; point to a folder written by lmforge prepare"
             ) from e
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise UserError(f"{meta_path} has no valid tokenizer block; re-run prepare") from e
-    name = identity["name"]
+    name = identity.get("name") if isinstance(identity, dict) else None
+    if not isinstance(name, str):
+        raise UserError(f'{where} names no tokenizer (no "name"); re-run lmforge prepare')
+    try:
+        check_tokenizer_name(name)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     if name in ("gpt2", "byte"):
         tokenizer = get_tokenizer(name)
     else:
         file_name = identity.get("vocab_file", BPE_FILE if name.startswith("bpe:") else VOCAB_FILE)
+        if not isinstance(file_name, str) or Path(file_name).name != file_name:
+            raise UserError(f"{where}: vocab_file {file_name!r} is not a file name; re-run prepare")
         path = directory / file_name
         if not path.is_file():
             raise UserError(f"{path} not found: the {name} tokenizer's vocabulary is missing")
@@ -521,17 +633,41 @@ def load_tokenizer(directory: str | Path, identity: dict[str, Any] | None = None
                 f"{path} does not match the recorded tokenizer (sha256 differs); "
                 "the file was changed: re-run lmforge prepare"
             )
-        if name.startswith("bpe:"):
-            tokenizer = BPETokenizer.from_file(path, name)
-        else:
-            tokens = json.loads(data.decode("utf-8"))["tokens"]
-            tokenizer = CharTokenizer(tokens) if name == "char" else WordTokenizer(tokens, name)
+        tokenizer = _tokenizer_from_file(path, data, name)
     if tokenizer.vocab_size != identity.get("vocab_size", tokenizer.vocab_size):
         raise UserError(
             f"tokenizer {name} in {directory} has {tokenizer.vocab_size} tokens but "
             f"{identity['vocab_size']} were recorded; re-run lmforge prepare"
         )
     return tokenizer
+
+
+def _tokenizer_from_file(path: Path, data: bytes, name: str) -> Tokenizer:
+    """The bpe, char or word tokenizer saved in `path` (its bytes `data`); a damaged file is one
+    UserError, never a library traceback."""
+    damaged = f"{path} is damaged (not a {name} vocabulary lmforge wrote); re-run lmforge prepare"
+    if name.startswith("bpe:"):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            backend = HFTokenizer.from_str(data.decode("utf-8"))
+        except Exception:  # the Rust library raises a bare Exception for a malformed file
+            raise UserError(damaged) from None
+        return BPETokenizer(backend, name)
+    try:
+        saved = json.loads(data.decode("utf-8"))
+        tokens = saved["tokens"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(damaged) from None
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise UserError(damaged)
+    if name == "char":
+        if any(len(t) != 1 for t in tokens) or len(set(tokens)) != len(tokens):
+            raise UserError(damaged)
+        return CharTokenizer(tokens)
+    if tokens[: len(WORD_SPECIALS)] != list(WORD_SPECIALS):
+        raise UserError(damaged)
+    return WordTokenizer(tokens, name)
 
 
 def _describe(identity: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from lmforge.config import MAX_SEED
 from lmforge.errors import UserError
 
 
@@ -60,15 +61,18 @@ def add_sampling(p: argparse.ArgumentParser, max_new_tokens: int, temperature: f
 
 
 def sampling_from(args: argparse.Namespace):
-    """The checked `Sampling` of generate/chat."""
-    from lmforge.generate import Sampling
-
+    """The checked `Sampling` of generate/chat (checked before torch is imported: a typo costs
+    no seconds)."""
     positive("--max-new-tokens", args.max_new_tokens)
     positive("--temperature", args.temperature, allow_zero=True)
     positive("--top-k", args.top_k, allow_zero=True)
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1] (got {args.top_p})")
     positive("--repetition-penalty", args.repetition_penalty)
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be a whole number from 0 to 2**62 (got {args.seed})")
+    from lmforge.generate import Sampling
+
     return Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                     args.repetition_penalty, args.seed)  # fmt: skip
 

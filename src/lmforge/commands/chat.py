@@ -15,9 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    sampling = sampling_from(args)
     from lmforge.generate import ChatSession, load_for_generation
 
-    sampling = sampling_from(args)
     loaded = load_for_generation(args.checkpoint, args.device)
     interactive = sys.stdin.isatty()
     if not loaded.instruction_tuned:

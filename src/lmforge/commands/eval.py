@@ -56,9 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmforge.evaluate import parse_metrics, qa_eval, token_eval
-    from lmforge.generate import load_for_generation
-
     for name in ("limit", "show"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0 (got {getattr(args, name)})")
@@ -67,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})"
             )
+    from lmforge.evaluate import parse_metrics, qa_eval, token_eval  # torch: after the checks
+    from lmforge.generate import load_for_generation
+
     metrics = parse_metrics(args.metrics)
     loaded = load_for_generation(args.checkpoint, args.device)
     start = time.time()

@@ -39,11 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`lmforge export`: load the checkpoint and its tokenizer, write the chosen format."""
+    if args.format == "gguf" and args.dtype == "bf16":
+        raise UserError("--dtype bf16 is for --format hf; use fp32 or fp16 with gguf")
     from lmforge.export import export_gguf, export_hf, refuse_existing
     from lmforge.train.checkpoint import load_model, load_run_tokenizer
 
-    if args.format == "gguf" and args.dtype == "bf16":
-        raise UserError("--dtype bf16 is for --format hf; use fp32 or fp16 with gguf")
     out = Path(args.out)
     # Refuse before loading anything: a clear answer fast, and nothing touched.
     refuse_existing(out, args.overwrite)

@@ -23,12 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    positive("--num-samples", args.num_samples)
+    sampling = sampling_from(args)
     import torch
 
     from lmforge.generate import StreamPrinter, load_for_generation, prompt_ids
 
-    sampling = sampling_from(args)
-    positive("--num-samples", args.num_samples)
     loaded = load_for_generation(args.checkpoint, args.device)
     chat = loaded.instruction_tuned if args.chat is None else args.chat
     prompt = prompt_ids(loaded, args.prompt, chat)

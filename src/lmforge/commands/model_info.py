@@ -30,14 +30,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lmforge.config import model_config
-    from lmforge.info import model_info_text
 
-    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
-    cfg = model_config(args.model, **overrides)
     if args.batch <= 0:
         raise UserError(f"--batch must be positive (got {args.batch})")
-    context = args.context or cfg.context
+    if args.vocab_size is not None and args.vocab_size <= 0:
+        raise UserError(f"--vocab-size must be positive (got {args.vocab_size})")
+    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    cfg = model_config(args.model, **overrides)
+    context = cfg.context if args.context is None else args.context
     if context <= 0 or context > cfg.max_context:
         raise UserError(f"--context {context} is outside 1..{cfg.max_context} for this model")
+    from lmforge.info import model_info_text  # torch: imported once the arguments are good
+
     print(model_info_text(args.model, cfg, args.batch, context, args.dtype))
     return 0

@@ -15,9 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmforge.train.pipeline import finetune
-
-    cfg = config_from(args)
+    cfg = config_from(args)  # a bad config fails here, before torch is imported (seconds)
     if args.init_from:
         cfg.train.init_from = args.init_from
+    from lmforge.train.pipeline import finetune
+
     return finetune(cfg)

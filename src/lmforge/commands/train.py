@@ -12,6 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from(args)  # a bad config fails here, before torch is imported (seconds)
     from lmforge.train.pipeline import pretrain
 
-    return pretrain(config_from(args))
+    return pretrain(cfg)

@@ -23,13 +23,15 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from lmforge.chat_format import IGNORE_INDEX, Conversation, Example, Turn, render
 from lmforge.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where batches are made: reading and detecting need none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +110,7 @@ class _Records:
         self.conversations.append(conversation)
 
     def done(self) -> Conversations:
-        if self.conversations.skipped:
-            log.warning(
-                "%s: skipped %d malformed %s records",
-                self.path,
-                self.conversations.skipped,
-                self.fmt,
-            )
+        # (what was skipped is counted in `skipped`: the run's header states it)
         if not self.conversations:
             raise UserError(f"{self.path} holds no usable {self.fmt} records; check the format")
         return self.conversations
@@ -486,6 +482,8 @@ def _parse_spec_item(item: str) -> tuple[str | None, Path]:
     ``C:\\data`` stays a path)."""
     prefix, sep, rest = item.partition(":")
     if sep and prefix.strip().lower() in FORMATS:
+        if not rest.strip():
+            raise UserError(f"{item!r} names a format but no file: write FORMAT:PATH")
         return prefix.strip().lower(), Path(rest.strip()).expanduser()
     if sep and re.fullmatch(r"[A-Za-z][\w-]+", prefix) and not Path(item).exists():
         raise UserError(
@@ -680,12 +678,6 @@ def render_all(
         out.examples.append((ids, labels))
         out.tokens += len(ids)
         out.target_tokens += n_targets
-    if out.dropped:
-        log.warning(
-            "%d conversations dropped: max_len=%s cut away all of their assistant text",
-            out.dropped,
-            max_len,
-        )
     return out
 
 
@@ -712,6 +704,8 @@ def pad_batch(
     (-100 on padding) and ``attention_mask`` (1 for real tokens, 0 for padding). With right
     padding, plain causal attention already keeps real tokens from seeing padding.
     """
+    import torch
+
     examples = [_truncate(e, max_len) for e in examples]
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -736,6 +730,8 @@ def pack_examples(
     row, -1 on padding), which keep attention inside each example. Examples keep their order
     within a row.
     """
+    import torch
+
     rows: list[list[Example]] = []
     used: list[int] = []
     # Sorted (room_left, row) pairs: bisect finds the tightest row that fits in O(log rows).
@@ -830,6 +826,8 @@ class SFTBatches:
         """Batch number ``index`` (0-based) of ``epoch``."""
         if not 0 <= index < self.batches_per_epoch:
             raise IndexError(f"batch {index} out of range 0..{self.batches_per_epoch - 1}")
+        import torch
+
         picked = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         if self.pack:
             rows = [self.units[i] for i in picked]

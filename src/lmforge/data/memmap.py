@@ -12,30 +12,89 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.chat_format import IGNORE_INDEX
+from lmforge.chat_format import IGNORE_INDEX, N_CHAT_TOKENS
 from lmforge.errors import UserError
 
 MODES = ("random", "epoch", "doc")
 SCAN_TOKENS = 1 << 26  # document starts are found 64 M tokens at a time: flat memory
 
 
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _positive(value: Any) -> bool:
+    return _count(value) and value > 0
+
+
+# What each key of meta.json must hold, as the error names it (prepare writes at least one window
+# of tokens to each split); `read_meta` needs all but eot_id, which only doc batches need.
+META_KEYS: dict[str, tuple[Any, str]] = {
+    "dtype": (lambda v: v in TOKEN_DTYPES, " or ".join(TOKEN_DTYPES)),
+    "train_tokens": (_positive, "a positive whole number"),
+    "val_tokens": (_positive, "a positive whole number"),
+    "vocab_size": (_positive, "a positive whole number"),
+    "tokenizer": (
+        lambda v: isinstance(v, dict) and isinstance(v.get("name"), str),
+        'an object with the tokenizer\'s "name"',
+    ),
+    "eot_id": (_count, "a whole number >= 0"),
+}
+READ_META_NEEDS = ("dtype", "train_tokens", "val_tokens", "vocab_size", "tokenizer")
+
+
+def load_meta_json(meta_path: Path, required: tuple[str, ...] = READ_META_NEEDS) -> dict[str, Any]:
+    """meta.json parsed and checked: the `required` keys must be there, and every key of
+    `META_KEYS` that is there must hold what it should. A damaged file is one UserError."""
+    again = "re-run lmforge prepare to rebuild the folder"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{meta_path} is damaged (not JSON: {e}); {again}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path} is damaged (not a JSON object); {again}")
+    for key, (valid, what) in META_KEYS.items():
+        if key not in meta:
+            if key in required:
+                raise UserError(f"{meta_path} is damaged: it has no {key!r}; {again}")
+        elif not valid(meta[key]):
+            raise UserError(
+                f"{meta_path} is damaged: {key!r} is {meta[key]!r}, not {what}; {again}"
+            )
+    vocab = meta.get("vocab_size")
+    if "eot_id" in meta and vocab is not None and meta["eot_id"] >= vocab:
+        raise UserError(
+            f"{meta_path} is damaged: eot_id {meta['eot_id']} is outside the vocabulary of "
+            f"{vocab} tokens; {again}"
+        )
+    recorded = meta.get("tokenizer", {}).get("vocab_size", vocab)
+    if vocab is not None and recorded != vocab:
+        raise UserError(
+            f"{meta_path} is damaged: vocab_size {vocab} differs from its tokenizer's "
+            f"{recorded!r}; {again}"
+        )
+    return meta
+
+
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
-    """meta.json of a prepared data folder, checked against the token files beside it."""
+    """meta.json of a prepared data folder, checked, and checked against the token files beside
+    it: what every reader of a prepared folder may rely on."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"data folder {data_dir} not found; run lmforge prepare first")
+        what = "is a file, not a folder" if data_dir.exists() else "not found"
+        raise UserError(f"data folder {data_dir} {what}; run lmforge prepare first")
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
         raise UserError(
             f"{meta_path} not found: {data_dir} is not a prepared data folder; "
             "run lmforge prepare --out on it"
         )
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        expected = {"train.bin": meta["train_tokens"], "val.bin": meta["val_tokens"]}
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"{meta_path} is damaged ({e}); re-run lmforge prepare") from None
+    meta = load_meta_json(meta_path)
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    expected = {"train.bin": meta["train_tokens"], "val.bin": meta["val_tokens"]}
     for name, tokens in expected.items():
         path = data_dir / name
         if not path.is_file():
@@ -111,7 +170,7 @@ class TokenBatches:
                 meta_path = self.path.parent / "meta.json"
                 if not meta_path.is_file():
                     raise UserError(f"{meta_path} not found: cannot tell the dtype of {self.path}")
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                meta = load_meta_json(meta_path, required=("dtype",))
                 dtype = dtype or meta["dtype"]
             self._dtype = np.dtype(dtype)
             self.num_tokens = self.path.stat().st_size // self._dtype.itemsize
@@ -125,6 +184,10 @@ class TokenBatches:
         self.windows_per_epoch = (self.num_tokens - context - 1) // self.stride + 1
         self._perm_cache: dict[int, np.ndarray] = {}
         self.eot_id = eot_id if eot_id is not None else meta.get("eot_id")
+        # A token file whose ids do not fit its vocabulary (damaged, or another tokenizer's) would
+        # crash the embedding lookup (on a GPU: a device-side assert); each batch is checked.
+        vocab = meta.get("vocab_size")
+        self.id_limit = vocab + N_CHAT_TOKENS if vocab is not None else None
         self.doc_starts: np.ndarray | None = None
         if mode == "doc" or first_doc_only:
             if self.eot_id is None:
@@ -208,7 +271,15 @@ class TokenBatches:
         """(x, y), int64 tensors of shape (batch_size, context) on ``device``; y is x shifted."""
         starts = self.offsets(step, micro_step)
         index = starts[:, None] + np.arange(self.context + 1)  # (B, T+1)
-        windows = torch.from_numpy(self._data()[index].astype(np.int64))
+        ids = self._data()[index]
+        if self.id_limit is not None and ids.size and int(ids.max()) >= self.id_limit:
+            row, col = np.unravel_index(int(ids.argmax()), ids.shape)
+            raise UserError(
+                f"{self.path}: token id {int(ids.max())} at position {int(index[row, col])} is "
+                f"outside the vocabulary ({self.id_limit - N_CHAT_TOKENS} tokens): the file is "
+                "damaged or was made with another tokenizer; re-run lmforge prepare"
+            )
+        windows = torch.from_numpy(ids.astype(np.int64))
         x, y = windows[:, :-1], windows[:, 1:]
         if self.first_doc_only:
             # Targets after the first eot that follows the window's first token belong to the

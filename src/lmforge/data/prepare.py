@@ -37,12 +37,17 @@ from lmforge.errors import UserError
 from lmforge.tokenizers import Tokenizer, check_tokenizer_name, get_tokenizer, needs_training
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# A .json file named as an input is read when it is instruction data (an Alpaca or SQuAD file);
+# folders are never searched for .json files (they hold configs and vocabularies).
+INSTRUCTION_JSON = ".json"
 READ_CHUNK = 1 << 20  # bytes read from a file at a time
 JOB_CHARS = 1 << 20  # characters of text per encoding job sent to a worker
 MAX_PIECE = 8 << 20  # a document longer than this (chars) is encoded in line-aligned pieces
 BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 UINT16_MAX = 2**16 - 1
 UINT32_MAX = 2**32 - 1
+WRITTEN_BY = "lmforge prepare"  # meta.json's mark: --overwrite replaces only such a folder
+OLD = "old"  # `.OUT.tmp-PID-old`: the output being replaced, until the new one is in place
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -140,6 +145,7 @@ class SourceFile:
     path: Path
     size: int
     sha256: str = ""
+    format: str = "text"  # or the instruction format it holds (alpaca, squad, dailydialog, ...)
 
 
 def resolve_inputs(inputs: Iterable[str]) -> list[SourceFile]:
@@ -148,7 +154,7 @@ def resolve_inputs(inputs: Iterable[str]) -> list[SourceFile]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_file():
-            if path.suffix.lower() not in INPUT_SUFFIXES:
+            if path.suffix.lower() not in (*INPUT_SUFFIXES, INSTRUCTION_JSON):
                 raise UserError(
                     f"{path}: unsupported input type {path.suffix or '(none)'!r}; "
                     f"use {', '.join(INPUT_SUFFIXES)} files or a folder of them"
@@ -270,6 +276,44 @@ def _read_jsonl(
             if text.strip():
                 yield Piece(text, True)
     source.sha256 = hasher.hexdigest()
+
+
+def _detect_formats(sources: list[SourceFile]) -> None:
+    """Set each source's `format` from its content (`lmforge.data.instruct.detect_format`): plain
+    text, or an instruction format (Alpaca, SQuAD, DailyDialog, chat, story Q&A). A .json file
+    must be one of the latter."""
+    from lmforge.data.instruct import FORMATS, detect_format
+
+    for source in sources:
+        found = "text"
+        if source.path.suffix.lower() != ".parquet":
+            try:
+                found = detect_format(source.path)
+            except UserError:  # e.g. {"text": ...} lines: JSON of no instruction format
+                found = "text"
+        source.format = found if found in FORMATS else "text"
+        if source.path.suffix.lower() == INSTRUCTION_JSON and source.format == "text":
+            raise UserError(
+                f"{source.path}: a .json file in no instruction format (alpaca, squad, "
+                f"dailydialog, chat); prepare reads {', '.join(INPUT_SUFFIXES)} text files"
+            )
+
+
+def _read_instruction(source: SourceFile, on_bytes: Callable[[int], None]) -> Iterator[Piece]:
+    """An instruction file as plain text: one document per conversation (an Alpaca record, a
+    SQuAD question with its context, a dialogue), its turns one per line. Read whole, as the
+    instruction readers do (such files are small). A .txt or .jsonl file is read as text instead
+    when the command says how (--doc-per-file, --doc-separator, a --field other than text);
+    its format is recorded either way."""
+    from lmforge.data.instruct import READERS
+
+    conversations = READERS[source.format](source.path)
+    on_bytes(source.size)
+    for conversation in conversations:
+        text = "\n".join(turn.content for turn in conversation if turn.content)
+        if text.strip():
+            yield Piece(text, True)
+    source.sha256 = _file_sha256(source.path)
 
 
 def _import_pyarrow() -> Any:
@@ -480,6 +524,56 @@ def _output_is_busy(out: Path) -> bool:
     return out.exists() and (not out.is_dir() or any(out.iterdir()))
 
 
+def _check_replaceable(out: Path, inputs: list[Path]) -> None:
+    """--overwrite deletes `out`: only a folder this command wrote (its meta.json says so and
+    every entry is one it lists), and never one that holds an input (the input would go too)."""
+    for path in inputs:
+        if path == out or out in path.parents:
+            raise UserError(
+                f"--overwrite would delete {out}, which holds the input {path}: choose an --out "
+                "folder outside the inputs"
+            )
+    refuse = (
+        f"--overwrite replaces only a folder that lmforge prepare wrote, and {out} is not one "
+        "({}); choose another --out, or empty the folder yourself"
+    )
+    meta = _prepared_meta(out / "meta.json")
+    if meta is None:
+        raise UserError(refuse.format("no meta.json of prepare's in it"))
+    extra = sorted(p.name for p in out.iterdir() if p.name not in meta["files"])
+    if extra:
+        raise UserError(refuse.format(f"it also holds {extra[0]}, which prepare did not write"))
+
+
+def _prepared_meta(path: Path) -> dict[str, Any] | None:
+    """meta.json as prepare wrote it (marked `written_by`; before that mark, a meta.json with
+    lmforge_version and its list of files), else None."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), list):
+        return None
+    if meta.get("written_by") == WRITTEN_BY or "lmforge_version" in meta:
+        return meta
+    return None
+
+
+def _clean_after_killed_runs(out: Path) -> None:
+    """What a killed prepare (or any killed lmforge write) left beside `out`: staging folders and
+    temporary files are deleted. An earlier output moved aside by a run killed before its new
+    output took its place is put back first, so it is never lost."""
+    from lmforge.files import TEMP_NAME, _pid_alive, remove_stale_temporaries
+
+    if not out.parent.is_dir():
+        return
+    for entry in sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*-{OLD}")):
+        match = TEMP_NAME.match(entry.name)
+        if match and not out.exists() and not _pid_alive(int(match.group("pid"))):
+            entry.rename(out)
+    remove_stale_temporaries(out.parent)
+
+
 def prepare(
     inputs: list[str] | None,
     out_dir: str | Path,
@@ -518,17 +612,24 @@ def prepare(
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if context < 1:
         raise UserError(f"--context must be at least 1, got {context}")
-    if builtin is not None and size_mb <= 0:
-        raise UserError(f"--size-mb must be positive, got {size_mb}")
+    if builtin is not None and not 0 < size_mb < 1e6:
+        raise UserError(f"--size-mb must be a positive number of megabytes, got {size_mb}")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers must be >= 1 (0 = all cores), got {workers}")
     if quiz < 0 or (quiz and builtin is None):
         raise UserError(f"--quiz must be 0 or more, with --builtin stories (got {quiz})")
     check_tokenizer_name(tokenizer)
     sources = resolve_inputs(inputs) if inputs else []
+    _detect_formats(sources)
     out = Path(out_dir).expanduser().resolve()
-    if _output_is_busy(out) and not overwrite:
-        raise UserError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    _clean_after_killed_runs(out)  # first: it may put back an output a killed run moved aside
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file, not a folder; choose another --out")
+    if _output_is_busy(out) and not overwrite:
+        raise UserError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    if _output_is_busy(out):
+        local_hf = [Path(hf_dataset).resolve()] if hf_dataset and Path(hf_dataset).exists() else []
+        _check_replaceable(out, [s.path for s in sources] + local_hf)
     workers = max(1, workers or os.cpu_count() or 1)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -543,7 +644,10 @@ def prepare(
             yield from _read_hf(hf_dataset, hf_split, field)
         for source in sources:
             suffix = source.path.suffix.lower()
-            if suffix == ".txt":
+            as_told = doc_per_file or doc_separator or field != "text"  # how to read text
+            if source.format != "text" and not (as_told and suffix in (".txt", ".jsonl")):
+                yield from _read_instruction(source, on_bytes)
+            elif suffix == ".txt":
                 yield from _read_txt(source, errors, doc_per_file, doc_separator, on_bytes)
             elif suffix == ".jsonl":
                 yield from _read_jsonl(source, field, errors, on_bytes)
@@ -592,15 +696,20 @@ def prepare(
             )
         if hf_dataset is not None:
             meta["hf_dataset"] = {"name": hf_dataset, "split": hf_split, "field": field}
+            meta["kind"] = "unchecked"  # only the text field of its records is read
         meta["files"] = ["train.bin", "val.bin", "meta.json", *tok.save(tmp)]
         if builtin is not None:
             meta["files"] += ["qa_train.jsonl", "qa_val.jsonl"]
         _write_json(tmp / "meta.json", meta)
         _move_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_parent is not None:
             shutil.rmtree(created_parent, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:  # the disk said no: nothing is left
+            from lmforge.files import disk_error
+
+            raise disk_error(out, e) from None
         raise
     return {**meta, "out_dir": str(out)}
 
@@ -785,6 +894,7 @@ def _meta(
 ) -> dict[str, Any]:
     tokens = stats.train_tokens + stats.val_tokens
     return {
+        "written_by": WRITTEN_BY,
         "lmforge_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tokenizer": tok.identity(),
@@ -802,7 +912,14 @@ def _meta(
         "words": stats.words,
         "bytes": stats.text_bytes,
         "bytes_per_token": round(stats.text_bytes / tokens, 4) if tokens else None,
-        "sources": [{"path": str(s.path), "bytes": s.size, "sha256": s.sha256} for s in sources],
+        "sources": [
+            {"path": str(s.path), "bytes": s.size, "sha256": s.sha256, "format": s.format}
+            for s in sources
+        ],
+        # What phase 1 checks: "text", or "instruction" when a source is in an instruction
+        # format (they are then listed, and `lmforge train` refuses the folder unless told).
+        "kind": "instruction" if any(s.format != "text" for s in sources) else "text",
+        "instruction_formats": sorted({s.format for s in sources} - {"text"}),
         "seed": seed,
         "val_fraction": val_fraction,
         "context": context,
@@ -823,7 +940,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder to ``out``; an old ``out`` is removed only after that."""
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}.tmp-{os.getpid()}-{OLD}"
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     try:

@@ -1,7 +1,10 @@
 """In-memory text datasets for the Python API: ``TextDataset`` and ``create_dataloaders``.
 
-The seed pipeline's data path, for small corpora that fit in memory (``lmforge prepare`` and the
-memmapped token files are the path for big ones)::
+The seed pipeline's data path (seeds/004: its ``training.dataset`` module is this one), for
+small corpora that fit in memory (``lmforge prepare`` and the memmapped token files are the path
+for big ones)::
+
+    from lmforge.data.text import SimpleTokenizer, TextDataset, create_dataloaders
 
     train_loader, val_loader, tokenizer = create_dataloaders(
         "data/train.txt", "data/val.txt", batch_size=8, max_length=512)
@@ -10,7 +13,8 @@ memmapped token files are the path for big ones)::
 Documents are read from a ``.txt`` file (separated by blank lines, exactly as ``prepare`` splits
 them) or a ``.jsonl`` file (one ``{"text": ...}`` object a line). Each document is encoded and
 followed by the tokenizer's end-of-text token, and the whole stream is cut into sliding windows
-of ``max_length + 1`` tokens, ``stride`` tokens apart (see ``TextDataset``). A sample is
+of ``max_length + 1`` tokens, ``stride`` tokens apart (see ``TextDataset``; by default they
+overlap, as the document's sliding window does). A sample is
 ``{"input_ids": window[:-1], "labels": window[1:]}``: labels are ALIGNED with the inputs (the loss
 compares ``logits[:, i]`` with ``labels[:, i]``), so every input position has a target.
 """
@@ -29,9 +33,22 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lmforge.chat_format import IGNORE_INDEX
 from lmforge.data.prepare import split_documents
 from lmforge.errors import UserError
-from lmforge.tokenizers import Tokenizer, get_tokenizer, needs_training
+from lmforge.tokenizers import SimpleTokenizer, Tokenizer, get_tokenizer, needs_training
+
+__all__ = [
+    "EpochShuffleSampler",
+    "SimpleTokenizer",
+    "TextDataset",
+    "collate",
+    "create_dataloaders",
+    "default_stride",
+    "read_documents",
+    "window_starts",
+]
 
 JSONL_SUFFIXES = (".jsonl",)
+#: The document's stride (seeds/004: ``stride: int = 256``), the default while it overlaps windows.
+SEED_STRIDE = 256
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -101,6 +118,14 @@ def window_starts(n_tokens: int, max_length: int, stride: int) -> list[int]:
     return starts
 
 
+def default_stride(max_length: int) -> int:
+    """The stride when none is given: the document's 256 (half its default ``max_length`` of
+    512), but never more than half of ``max_length``, so that windows always overlap and no token
+    is skipped (the document's 256 with ``max_length=128`` would drop every other window's text).
+    """
+    return max(1, min(SEED_STRIDE, max_length // 2))
+
+
 # ---------------------------------------------------------------------------------- dataset
 class TextDataset(Dataset):
     """Token windows of a ``.txt`` or ``.jsonl`` file, for next-token prediction.
@@ -109,10 +134,14 @@ class TextDataset(Dataset):
         file_path: ``.jsonl`` (one JSON object a line, text in ``field``) or any other suffix,
             read as plain text whose documents are separated by blank lines.
         tokenizer: a ``lmforge.tokenizers.Tokenizer`` (anything with ``encode`` and ``eot_id``).
+            Each document is its ``encode`` ids followed by end-of-text (a ``SimpleTokenizer``'s
+            ids already end with ``<eos>``, which is its end-of-text: it is not doubled).
         max_length: input tokens per sample (the window holds one more token: the last target).
-        stride: tokens between the starts of consecutive windows; default ``max_length`` (no
-            token is an input twice). ``stride < max_length`` overlaps windows (the seed's sliding
-            window), ``stride > max_length`` skips tokens.
+        stride: tokens between the starts of consecutive windows. Default: ``default_stride``,
+            the document's 256 capped at ``max_length // 2``, so windows overlap as the
+            document's sliding window does (a token is an input in about two samples).
+            ``stride=max_length``: every token is an input exactly once; ``stride > max_length``
+            skips tokens.
         field: the text field of ``.jsonl`` records.
 
     ``dataset[i]`` is ``{"input_ids": LongTensor[T], "labels": LongTensor[T]}`` with
@@ -130,7 +159,7 @@ class TextDataset(Dataset):
     ) -> None:
         if max_length < 1:
             raise UserError(f"max_length must be at least 1 (got {max_length})")
-        stride = max_length if stride is None else stride
+        stride = default_stride(max_length) if stride is None else stride
         if stride < 1:
             raise UserError(f"stride must be at least 1 (got {stride})")
         self.file_path = Path(file_path)
@@ -139,9 +168,12 @@ class TextDataset(Dataset):
         documents = read_documents(file_path, field)
         self.documents = len(documents)  # how many documents the file holds
         ids: list[int] = []
+        eot = tokenizer.eot_id
         for document in documents:
-            ids.extend(tokenizer.encode(document))
-            ids.append(tokenizer.eot_id)  # every document ends with end-of-text (as in prepare)
+            document_ids = tokenizer.encode(document)
+            ids.extend(document_ids)
+            if not document_ids or document_ids[-1] != eot:
+                ids.append(eot)  # every document ends with end-of-text (as in prepare)
         self.tokens = torch.tensor(ids, dtype=torch.long)
         self.starts = window_starts(len(ids), max_length, stride)
         if not self.starts:
@@ -158,7 +190,7 @@ class TextDataset(Dataset):
         self = cls.__new__(cls)
         self.file_path, self.tokenizer, self.documents = None, None, 0
         self.max_length = max_length
-        self.stride = max_length if stride is None else stride
+        self.stride = default_stride(max_length) if stride is None else stride
         self.tokens = torch.as_tensor(list(tokens), dtype=torch.long)
         self.starts = window_starts(len(self.tokens), max_length, self.stride)
         return self
@@ -186,10 +218,10 @@ class TextDataset(Dataset):
 
 # ---------------------------------------------------------------------------------- batching
 def pad_id_of(tokenizer: Tokenizer) -> int:
-    """The id that pads ``input_ids``: the tokenizer's ``pad_id`` (word: 0, the seed's <PAD>), else
-    its end-of-text id. Padding never reaches the loss (labels are -100 there) and, with right
-    padding, causal attention keeps real tokens from seeing it, so any real id does."""
-    pad = getattr(tokenizer, "pad_id", None)
+    """The id that pads ``input_ids``: the tokenizer's ``pad_token_id`` (word: 0, the seed's
+    <PAD>), else its end-of-text id. Padding never reaches the loss (labels are -100 there) and,
+    with right padding, causal attention keeps real tokens from seeing it, so any real id does."""
+    pad = getattr(tokenizer, "pad_token_id", getattr(tokenizer, "pad_id", None))
     return int(pad) if pad is not None else int(tokenizer.eot_id)
 
 
@@ -292,11 +324,15 @@ def create_dataloaders(
 ) -> tuple[DataLoader, DataLoader | None, Tokenizer]:
     """``(train_loader, val_loader, tokenizer)`` over ``TextDataset``s with padding ``collate``.
 
-    ``tokenizer`` is a name (``word``, ``word:N``, ``char``, ``bpe:N`` are built from the train
-    file; ``gpt2``, ``byte`` are fixed) or a ``Tokenizer``. The train loader is shuffled with
-    ``EpochShuffleSampler(seed)``, so its order is reproducible and each epoch's order can be
-    replayed on resume; the val loader is never shuffled (``val_loader`` is None without
-    ``val_file``). Batches are dicts of ``input_ids``, ``attention_mask``, ``labels``.
+    The document's call, ``create_dataloaders(train_file="data/train.txt",
+    val_file="data/val.txt", batch_size=8, max_length=512, num_workers=4)``, runs as written;
+    ``stride`` defaults as ``TextDataset``'s does (overlapping windows). ``tokenizer`` is a name
+    (``word``, ``word:N``, ``char``, ``bpe:N`` are built from the train file; ``gpt2``, ``byte``
+    are fixed) or a ``Tokenizer``; ``len(tokenizer)`` is the vocabulary size for the model. The
+    train loader is shuffled with ``EpochShuffleSampler(seed)``, so its order is reproducible and
+    each epoch's order can be replayed on resume; the val loader is never shuffled
+    (``val_loader`` is None without ``val_file``). Batches are dicts of ``input_ids``,
+    ``attention_mask``, ``labels``.
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1 (got {batch_size})")

@@ -5,6 +5,7 @@ Also the two numbers the trainer needs to report efficiency: FLOPs per token and
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -159,11 +160,13 @@ class MetricsWriter:
     def write(self, row: MetricsRow | dict[str, Any]) -> None:
         """One logged step. Keys outside COLUMNS go to the JSONL only; None is an empty cell."""
         values = row.as_dict() if isinstance(row, MetricsRow) else row
-        self._csv_writer.writerow({k: _cell(values.get(k)) for k in COLUMNS})
-        self._csv.flush()
+        with self._named(self.csv_path):
+            self._csv_writer.writerow({k: _cell(values.get(k)) for k in COLUMNS})
+            self._csv.flush()
         full = {**dict.fromkeys(COLUMNS), **values}  # the CSV's columns, then any extras
-        self._jsonl.write(json.dumps({k: _compact(v) for k, v in full.items()}) + "\n")
-        self._jsonl.flush()
+        with self._named(self.jsonl_path):
+            self._jsonl.write(json.dumps({k: _compact(v) for k, v in full.items()}) + "\n")
+            self._jsonl.flush()
         if self._tb is not None:
             step = int(values["step"])
             for key, value in values.items():
@@ -175,35 +178,56 @@ class MetricsWriter:
     def log_line(self, text: str) -> None:
         """A human line: to the terminal and to logs/training.log."""
         print(text, flush=True)
-        self._log.write(text + "\n")
-        self._log.flush()
+        with self._named(self.log_path):
+            self._log.write(text + "\n")
+            self._log.flush()
 
     def sample(self, text: str) -> None:
         """A block of periodic samples: to the terminal, training.log and samples.txt."""
         self.log_line(text)
-        self._samples.write(text + "\n\n")
-        self._samples.flush()
+        with self._named(self.samples_path):
+            self._samples.write(text + "\n\n")
+            self._samples.flush()
 
     def sync(self) -> dict[str, int]:
         """Flush and fsync every file; returns their lengths (what a checkpoint records)."""
         sizes = {}
         for name, f in self._files.items():
-            f.flush()
-            os.fsync(f.fileno())
-            sizes[name] = os.fstat(f.fileno()).st_size
+            with self._named(self.log_dir / name):
+                f.flush()
+                os.fsync(f.fileno())
+                sizes[name] = os.fstat(f.fileno()).st_size
         if self._tb is not None:
             self._tb.flush()
         return sizes
 
     def close(self) -> None:
+        """Flush, fsync (the end of a run survives a power cut) and close; best effort: after a
+        failed write the disk may still refuse, and the error that matters was raised already."""
         for f in self._files.values():
-            if not f.closed:
-                f.flush()
-                os.fsync(f.fileno())  # the end of a run survives a power cut
-                f.close()
+            try:
+                if not f.closed:
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    f.close()
         if self._tb is not None:
-            self._tb.close()
+            with contextlib.suppress(Exception):
+                self._tb.close()
             self._tb = None
+
+    @contextlib.contextmanager
+    def _named(self, path: Path):
+        """An OSError of a write becomes the one-line error naming the file (disk full, ...)."""
+        try:
+            yield
+        except OSError as e:
+            from lmforge.files import disk_error
+
+            raise disk_error(path, e) from None
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.errors import UserError
+from lmforge.files import write_atomic
 from lmforge.monitor.logparse import MetricsTable, load_metrics
 
 RISE = 0.02  # val loss this far (relative) above its best counts as rising, not noise
@@ -316,10 +316,8 @@ def _loss_panel(ax: Any, table: MetricsTable, floor: float | None) -> None:
 
 
 def _atomic_savefig(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)  # the trainer refreshes it while a user may be viewing it
+    # atomic: the trainer refreshes it while a user may be viewing it
+    write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
 
 
 def render_dashboard(table: MetricsTable, path: str | Path, floor: float | None = None) -> Path:
@@ -362,7 +360,7 @@ def write_table_report(table: MetricsTable, out_dir: str | Path | None = None) -
     }
     render_dashboard(table, paths["png"])
     figures, lines = _summary(table)
-    paths["summary"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomic(paths["summary"], "\n".join(lines) + "\n")
     dump = dict(
         generated=stamp,
         format=table.format,
@@ -371,7 +369,7 @@ def write_table_report(table: MetricsTable, out_dir: str | Path | None = None) -
         info=table.info,
         metrics=table.to_dict(),
     )
-    paths["json"].write_text(json.dumps(dump, indent=1, default=str), encoding="utf-8")
+    write_atomic(paths["json"], json.dumps(dump, indent=1, default=str))
     return paths
 
 
@@ -484,7 +482,5 @@ class LiveDashboard:
     def final(self) -> dict[str, Path]:
         """The full timestamped report; dashboard.png becomes a copy of its PNG."""
         paths = write_report(self.run_dir)
-        tmp = self.path.with_name(".dashboard.png.tmp")
-        shutil.copyfile(paths["png"], tmp)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, paths["png"].read_bytes())
         return paths

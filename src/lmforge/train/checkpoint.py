@@ -131,7 +131,7 @@ def _first_line(e: BaseException) -> str:
 
 def _unreadable(path: Path, e: BaseException) -> CheckpointError:
     text = str(e)
-    if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+    if "Unsupported global" in text or "GLOBAL" in text:
         return CheckpointError(
             f"{path} is a pickle that would run code to load (not a weights-only checkpoint): "
             "lmforge does not load such files; save plain tensors (torch.save(state_dict))"
@@ -147,8 +147,9 @@ def _foreign(path: Path, state: Any) -> CheckpointError | None:
         return CheckpointError(f"{path} holds a {type(state).__name__}, not an lmforge checkpoint")
     if "model_args" in state and "iter_num" in state:
         return CheckpointError(
-            f"{path} is a nanoGPT checkpoint (ckpt.pt), not lmforge's: `lmforge import "
-            f"{path} --out RUN` converts it into an lmforge run folder"
+            f"{path} is a nanoGPT checkpoint (ckpt.pt), not lmforge's: lmforge reads Hugging "
+            "Face folders; save the model as one (transformers' GPT2LMHeadModel with its weights, "
+            "save_pretrained) and start from it with --train.init_from=FOLDER"
         )
     if state and all(isinstance(v, torch.Tensor) for v in state.values()):
         return CheckpointError(
@@ -276,10 +277,10 @@ def load_run_checkpoint(
 
 def load_model(ckpt_or_run: str | Path, device: str | torch.device = "cpu"):
     """(model, state) from an lmforge checkpoint or run folder, in eval mode."""
+    path, state = load_run_checkpoint(ckpt_or_run)
     from lmforge.config import model_config_from_dict
     from lmforge.model import Transformer
 
-    path, state = load_run_checkpoint(ckpt_or_run)
     if not isinstance(state.get("config"), dict) or "model" not in state["config"]:
         raise CheckpointError(f"{path} has no model config in it: not written by lmforge train")
     cfg = model_config_from_dict(state["config"]["model"])

@@ -119,8 +119,11 @@ class RunFolder:
         if self._lock_fd is None:
             return
         text = f"lmforge pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%c')}"
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, text.encode(), 0)
+        try:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, text.encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, the next write will say why
+            return
         self._owner_recorded = True
 
     def _release(self) -> None:

@@ -62,8 +62,8 @@ def sft_phase(cfg: Config, d: Dist, precision: Precision) -> Phase:
     model, extended = chat_ready_model(model, tokenizer.vocab_size)
     cfg.model = m = model.cfg  # the checkpoint's shape, not the YAML's: config.yaml says what ran
     train_conv, val_conv = split_conversations(list(conversations), s.val_fraction, t.seed)
-    train_ex = _render(train_conv, tokenizer, m.context, "training")
-    val_ex = _render(val_conv, tokenizer, m.context, "validation")
+    train_ex, dropped = _render(train_conv, tokenizer, m.context, "training")
+    val_ex, _ = _render(val_conv, tokenizer, m.context, "validation")
     pad = chat_ids(tokenizer).pad
     train = SFTBatches(train_ex, t.batch_size, t.seed, pad_id=pad, pack=s.pack, seq_len=m.context)
     val = SFTBatches(val_ex, t.batch_size, t.seed + 1, pad_id=pad, pack=s.pack, seq_len=m.context)
@@ -80,6 +80,16 @@ def sft_phase(cfg: Config, d: Dist, precision: Precision) -> Phase:
     describe.append(f"examples: {len(train_ex):,} train / {len(val_ex):,} val ({layout}, "
                     f"{train.batches_per_epoch:,} batches per epoch)")  # fmt: skip
     warnings = []
+    if dropped:
+        warnings.append(
+            f"warning: {dropped:,} conversations left out: the model's context "
+            f"({m.context} tokens) cuts away all of their assistant text"
+        )
+    if dropped:
+        warnings.append(
+            f"warning: {dropped:,} conversations left out: the model's context "
+            f"({m.context} tokens) cuts away all of their assistant text"
+        )
     if (unknown := unknown_fraction(train_ex[:2000], tokenizer)) > 0.01:
         warnings.append(
             f"warning: {100 * unknown:.1f}% of the training ids are the tokenizer's "
@@ -166,9 +176,9 @@ def unknown_fraction(examples: list[Example], tokenizer: Any) -> float:
 
 
 def _render(conversations: list[Conversation], tokenizer: Any, context: int,
-            what: str) -> list[Example]:  # fmt: skip
+            what: str) -> tuple[list[Example], int]:  # fmt: skip
     rendered = render_all(conversations, tokenizer, max_len=context)
     if not rendered.examples:
         raise UserError(f"no {what} examples left: every assistant reply lies beyond the "
                         f"model's context ({context} tokens)")  # fmt: skip
-    return rendered.examples
+    return rendered.examples, rendered.dropped

@@ -19,13 +19,14 @@ import resource
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmforge import __version__
 from lmforge.chat_format import IGNORE_INDEX
@@ -33,6 +34,7 @@ from lmforge.config import Config, LogConfig, OptimConfig, ScheduleConfig, Train
 from lmforge.device import Precision, enable_tf32, pick
 from lmforge.distributed import Dist, full_state, load_full_state, no_grad_sync
 from lmforge.errors import UserError
+from lmforge.model import Transformer
 from lmforge.monitor.metrics import MetricsRow, mfu
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.optim import build_optimizer
@@ -103,24 +105,71 @@ class TrainSettings:
 
     @classmethod
     def for_api(cls, **values: Any) -> TrainSettings:
+        """The Python API's defaults: constant lr, no warmup, no periodic saves/evals/samples
+        (`train()` sets them per epoch), validation over the whole val loader (eval_batches 0)."""
         quiet = dict(schedule="constant", warmup_steps=0, eval_every=0, save_every=0,
-                     save_every_minutes=0.0, sample_every=0, warmup_passes=0)  # fmt: skip
+                     save_every_minutes=0.0, sample_every=0, warmup_passes=0,
+                     eval_batches=0)  # fmt: skip
         return cls(**{**quiet, **values})
 
 
-class History:
-    """The logged rows of a run (`MetricsRow`s, as the CSV holds them), with the columns as lists:
-    `history.train_loss`, `history["val_loss"]`, ..."""
+@dataclass
+class EpochRow:
+    """One finished epoch of the Python API's history: the mean training loss of its steps, the
+    learning rate of its last step and the validation after it (None without val data)."""
+
+    epoch: int
+    step: int
+    train_loss: float
+    lr: float
+    val_loss: float | None = None
+    val_perplexity: float | None = None
+
+
+class History(Mapping):
+    """A run's history, read as a dict of lists: `history["train_loss"]`, `history.val_loss`.
+
+    It holds the logged rows (`MetricsRow`s, as the CSV has them: `rows`, `steps()`) and, for the
+    Python API, one `EpochRow` per finished epoch (`epochs`, `per_epoch()`). Which of the two the
+    dict view shows is `by_epoch`: per epoch for a Trainer of the Python API (what the seed
+    document's `history["train_loss"]` / `history["val_loss"]` loop pairs, one value per epoch),
+    per logged step for the CLI's (what `training_metrics.csv` holds).
+    """
 
     KEYS = ("step", "train_loss", "lr", "grad_norm", "val_step", "val_loss", "val_perplexity")
+    EPOCH_KEYS = ("epoch", "step", "train_loss", "lr", "val_loss", "val_perplexity")
 
-    def __init__(self, rows: list[MetricsRow] | None = None) -> None:
+    def __init__(
+        self,
+        rows: list[MetricsRow] | None = None,
+        epochs: list[EpochRow] | None = None,
+        by_epoch: bool = False,
+    ) -> None:
         self.rows: list[MetricsRow] = list(rows or [])
+        self.epochs: list[EpochRow] = list(epochs or [])
+        self.by_epoch = by_epoch
 
     def add(self, row: MetricsRow) -> None:
         self.rows.append(row)
 
     def as_dict(self) -> dict[str, list]:
+        """The columns as lists (a plain dict: what `train()` returns and `save_history` writes)."""
+        return self.per_epoch() if self.by_epoch else self.steps()
+
+    def per_epoch(self) -> dict[str, list]:
+        """One value per finished epoch; the val columns only for epochs that had validation."""
+        val = [e for e in self.epochs if e.val_loss is not None]
+        return {
+            "epoch": [e.epoch for e in self.epochs],
+            "step": [e.step for e in self.epochs],
+            "train_loss": [e.train_loss for e in self.epochs],
+            "lr": [e.lr for e in self.epochs],
+            "val_loss": [e.val_loss for e in val],
+            "val_perplexity": [e.val_perplexity for e in val],
+        }
+
+    def steps(self) -> dict[str, list]:
+        """One value per logged step (train columns) and per evaluation (val columns)."""
         train = [r for r in self.rows if r.loss is not None]
         val = [r for r in self.rows if r.val_loss is not None]
         return {
@@ -133,22 +182,42 @@ class History:
             "val_perplexity": [r.val_ppl for r in val],
         }
 
+    def _keys(self) -> tuple[str, ...]:
+        return self.EPOCH_KEYS if self.by_epoch else self.KEYS
+
     def __getitem__(self, key: str) -> list:
-        if key not in self.KEYS:
-            raise KeyError(f"{key!r}: history has {', '.join(self.KEYS)}")
+        if key not in self._keys():
+            raise KeyError(f"{key!r}: history has {', '.join(self._keys())}")
         return self.as_dict()[key]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
     def __getattr__(self, key: str) -> list:
-        if key in History.KEYS:
-            return self.as_dict()[key]
+        if key in History.KEYS or key in History.EPOCH_KEYS:
+            try:
+                return self[key]
+            except KeyError as e:
+                raise AttributeError(*e.args) from None
         raise AttributeError(key)
+
+    def __repr__(self) -> str:
+        return f"History({self.as_dict()!r})"
 
     def state_dict(self) -> list[dict[str, Any]]:
         return [r.as_dict() for r in self.rows]
 
+    def epochs_state(self) -> list[dict[str, Any]]:
+        return [asdict(e) for e in self.epochs]
+
     @classmethod
-    def from_state(cls, state: Any) -> History:
-        return cls([MetricsRow(**row) for row in state]) if isinstance(state, list) else cls()
+    def from_state(cls, state: Any, epochs: Any = None, by_epoch: bool = False) -> History:
+        rows = [MetricsRow(**row) for row in state] if isinstance(state, list) else []
+        finished = [EpochRow(**e) for e in epochs] if isinstance(epochs, list) else []
+        return cls(rows, finished, by_epoch)
 
 
 class Batches(ABC):
@@ -168,6 +237,10 @@ class Batches(ABC):
 
     def epoch_of(self, step: int) -> int:
         return 0
+
+    def micro_steps(self, step: int, grad_accum: int) -> int:
+        """Micro-batches of this step: grad_accum, except where an epoch ends early."""
+        return grad_accum
 
     batches_per_epoch: int | None = None
 
@@ -192,14 +265,19 @@ class TokenFileBatches(Batches):
 
 
 class LoaderBatches(Batches):
-    """Wraps a DataLoader (dicts with input_ids/labels, or (x, y) tuples). Position = (step,
-    micro_step) -> the n-th batch overall; the loader is re-iterated each epoch and, on resume,
+    """Wraps a DataLoader (dicts with input_ids/labels, or (x, y) tuples). An epoch is one pass
+    over the loader: ceil(len / grad_accum) steps, the last one with the batches that are left
+    (so every batch is read once per epoch, and epochs start on a step). Position = (step,
+    micro_step) -> (epoch, batch within it); the loader is re-iterated each epoch and, on resume,
     fast-forwarded. Reproducible when the loader's order is (shuffle=False or a seeded sampler)."""
 
     def __init__(self, loader: Iterable, grad_accum: int):
         self.loader, self.grad_accum = loader, grad_accum
         self.batches_per_epoch = len(loader)  # type: ignore[arg-type]
-        self._iter, self._next_index = None, None
+        if not self.batches_per_epoch:
+            raise UserError("a DataLoader given to the Trainer is empty: it yields no batches")
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / grad_accum)
+        self._iter, self._next = None, None
 
     def _as_dict(self, batch: Any) -> dict[str, torch.Tensor]:
         if isinstance(batch, dict):
@@ -207,10 +285,14 @@ class LoaderBatches(Batches):
         x, y = batch
         return {"input_ids": x, "labels": y}
 
+    def micro_steps(self, step: int, grad_accum: int) -> int:
+        first = (step % self.steps_per_epoch) * self.grad_accum
+        return min(self.grad_accum, self.batches_per_epoch - first)
+
     def get(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        index = step * self.grad_accum + micro_step
-        epoch, within = divmod(index, self.batches_per_epoch)
-        if self._iter is None or self._next_index != index or within == 0:
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        within = step_in_epoch * self.grad_accum + micro_step
+        if self._iter is None or self._next != (epoch, within) or within == 0:
             # A sampler whose order depends on the epoch (DistributedSampler, lmforge's
             # EpochShuffleSampler) is told which one, so a resumed run replays that epoch's order.
             set_epoch = getattr(getattr(self.loader, "sampler", None), "set_epoch", None)
@@ -219,11 +301,11 @@ class LoaderBatches(Batches):
             self._iter = iter(self.loader)
             for _ in range(within):
                 next(self._iter)
-        self._next_index = index + 1
+        self._next = (epoch, within + 1)
         return self._as_dict(next(self._iter))
 
     def epoch_of(self, step: int) -> int:
-        return (step * self.grad_accum) // self.batches_per_epoch
+        return step // self.steps_per_epoch
 
 
 def as_batches(data: Any, grad_accum: int) -> Batches | None:
@@ -237,12 +319,40 @@ def as_batches(data: Any, grad_accum: int) -> Batches | None:
 class Trainer:
     """Train a model on batches; see SPEC §3 for the behaviour and `lmforge train` for the CLI.
 
-    Python API (as the seed pipeline documents it)::
+    Python API, as the seed pipeline's document (seeds/004) writes it::
 
         trainer = Trainer(model, train_loader, val_loader, device="cpu",
                           gradient_accumulation_steps=2, checkpoint_dir="ckpt", log_interval=10)
         history = trainer.train(num_epochs=3, early_stopping_patience=2)
-        trainer.validate()  # {"loss": ..., "perplexity": ...}
+        history["train_loss"], history["val_loss"]  # one value per epoch
+        trainer.validate()  # {"loss": ..., "perplexity": ...} over the whole val loader
+        trainer.save_checkpoint(path, is_best=True)  # and checkpoint_dir/best.pt
+
+    `model` is any `nn.Module` whose `forward(input_ids)` returns logits (B, T, V) (or an object
+    with `.logits`, or a tuple whose first item they are); the default loss is cross-entropy
+    over them, -100 ignored, as the document's `nn.CrossEntropyLoss`. An lmforge `Transformer`
+    gets the same loss computed chunked (`model(ids, labels)`), without the full logits.
+    `criterion(logits (N, V), labels (N,))` replaces it.
+
+    A Trainer made without `settings` is the Python API and follows the document where it and
+    the CLI differ (a Trainer made with `settings`, as `lmforge train` makes it, keeps the CLI's):
+    * `train(num_epochs=N)` trains N more epochs from where the trainer is (after
+      `load_checkpoint` of an epoch-10 checkpoint, epochs 11..10+N; a partly done epoch counts
+      as one); `train(max_steps=M)` M more steps. The CLI's `train.max_steps` /
+      `train.max_epochs` are totals of the run.
+    * an epoch is one pass over the train loader; with gradient accumulation its last step
+      takes the batches that are left;
+    * `history` (and what `train` returns) holds one value per epoch (`train_loss`: the mean
+      of the epoch's steps; `val_loss`/`val_perplexity` after each epoch); the CLI's is one row
+      per logged step, as `training_metrics.csv` (both are in `history.rows` / `epochs`);
+    * validation runs after every epoch, over the whole val loader; the CLI's every
+      `train.eval_every` steps over `train.eval_batches` batches;
+    * `save_every` counts epochs (default 1: `checkpoint_dir/step_N.pt` after each epoch, the
+      newest 5 kept); `early_stopping_patience` counts epochs without a val-loss drop of at
+      least `min_delta` (TrainSettings, 0.001);
+    * the learning rate is constant (the optimizer's own, or 3e-4 for the default AdamW).
+    `device` defaults to "auto" (SPEC §3: cuda, then mps, then cpu), where the document has
+    "cpu"; pass `device="cpu"` for the document's behaviour on a machine with a GPU.
     """
 
     def __init__(
@@ -284,6 +394,7 @@ class Trainer:
         if self.precision.device.type == "cuda":
             enable_tf32()
         self.device = self.precision.device
+        self.api = settings is None  # the Python API: the document's semantics (class doc)
         self.settings = settings or TrainSettings.for_api(
             grad_accum=gradient_accumulation_steps,
             max_grad_norm=max_grad_norm,
@@ -308,6 +419,8 @@ class Trainer:
             for group in opt.param_groups:
                 group.setdefault("lr_scale", 1.0)
         self.criterion = criterion
+        # lmforge's Transformer computes its loss chunked; any other model returns logits.
+        self.fused_loss = isinstance(model, Transformer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.metrics = metrics
@@ -322,7 +435,8 @@ class Trainer:
         self.evals_without_improvement = 0
         self.skipped_in_a_row = 0  # steps whose gradient norm was not finite, consecutively
         self.skipped_steps = 0
-        self.history = History()
+        self.history = History(by_epoch=self.api)
+        self._epoch_loss_sum, self._epoch_loss_count = 0.0, 0  # the epoch so far (API history)
         self.elapsed = 0.0  # training wall time so far, warm-up passes excluded
         self._log_loss_sum, self._log_loss_count = 0.0, 0
         self._last_grad_norm = 0.0
@@ -348,10 +462,13 @@ class Trainer:
     def _loss(self, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
         ids, labels = batch["input_ids"], batch["labels"]
         with self.precision.autocast():
-            if self.criterion is not None:  # the user's loss on full logits
-                logits = self.train_model(ids)
-                return self.criterion(
-                    logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+            if self.criterion is not None or not self.fused_loss:  # a loss on the full logits
+                logits = _logits(self.train_model(ids))
+                logits, labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+                if self.criterion is not None:
+                    return self.criterion(logits, labels)
+                return F.cross_entropy(
+                    logits, labels, ignore_index=IGNORE_INDEX, reduction=reduction
                 )
             return self.train_model(
                 ids,
@@ -370,7 +487,8 @@ class Trainer:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-        batches = [self._batch_to_device(self.train_data.get(step, m)) for m in range(s.grad_accum)]
+        micro_steps = self.train_data.micro_steps(step, s.grad_accum)
+        batches = [self._batch_to_device(self.train_data.get(step, m)) for m in range(micro_steps)]
         by_tokens = s.loss_normalisation == "tokens"
         # Instruction tuning: normalise by the target tokens of ALL micro-batches (of all ranks),
         # so a long answer in one micro-batch weighs the same as if the batch had not been split.
@@ -385,7 +503,7 @@ class Trainer:
                 if by_tokens:  # x world: DDP averages gradients over ranks, undo it for sums
                     loss = self._loss(batch, "sum") * world / max(1, n_targets)
                 else:
-                    loss = self._loss(batch, "mean") / s.grad_accum
+                    loss = self._loss(batch, "mean") / micro_steps
                 self.scaler.scale(loss).backward()
             total_loss += loss.detach().float() / world
             self.tokens_seen += batch["input_ids"].numel() * world
@@ -470,10 +588,14 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def validate(self, max_batches: int | None = None) -> dict[str, float]:
-        """Mean loss over the fixed validation batches, and its perplexity."""
+        """Mean loss per target token over the fixed validation batches, and its perplexity.
+
+        The Python API averages the whole val loader (as the document's validate does); the
+        CLI the first `train.eval_batches`; `max_batches` caps either."""
         if self.val_data is None:
             raise UserError("validate() needs validation data (val_data / val_dataloader)")
-        n = max_batches or self.settings.eval_batches
+        everything = self.val_data.batches_per_epoch or TrainConfig.eval_batches
+        n = max_batches or self.settings.eval_batches or everything
         if self.val_data.batches_per_epoch:
             n = min(n, self.val_data.batches_per_epoch)
         d = self.dist
@@ -514,6 +636,8 @@ class Trainer:
             "after_work_pending": self.after_work_pending,
             "log_offsets": self.metrics.sync() if self.metrics is not None else {},
             "history": self.history.state_dict(),
+            "epoch_history": self.history.epochs_state(),
+            "epoch_accumulator": [self._epoch_loss_sum, self._epoch_loss_count],
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "versions": {"lmforge": __version__, "torch": str(torch.__version__)},
@@ -540,16 +664,25 @@ class Trainer:
         self._log_loss_sum, self._log_loss_count = state.get("log_accumulator", [0.0, 0])
         self._last_grad_norm = state.get("last_grad_norm", 0.0)
         self.after_work_pending = bool(state.get("after_work_pending", False))
-        self.history = History.from_state(state.get("history"))
+        self.history = History.from_state(
+            state.get("history"), state.get("epoch_history"), self.history.by_epoch
+        )
+        self._epoch_loss_sum, self._epoch_loss_count = state.get("epoch_accumulator", [0.0, 0])
         self.last_saved_step = self.global_step
         if "rng_cpu" in state:
             torch.set_rng_state(state["rng_cpu"])
         if state.get("rng_cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
-    def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Full training state, atomically, with a JSON record; keeps the newest `keep_last`."""
+    def save_checkpoint(self, path: str | Path | None = None, is_best: bool = False) -> Path:
+        """Full training state, atomically, with a JSON record; keeps the newest `keep_last`
+        step files. Default path: checkpoint_dir/step_N.pt. `is_best` (the document's flag) also
+        writes the same state to checkpoint_dir/best.pt, where the best model is kept."""
         path = Path(path) if path else self.checkpoint_dir / f"step_{self.global_step}.pt"
+        if is_best:
+            best = self.checkpoint_dir / "best.pt"
+            if path.resolve() != best.resolve():
+                self.save_checkpoint(best)
         state = self.state_dict()  # every rank: gathering FSDP shards is a collective
         self.last_saved_step, self._last_save = self.global_step, time.monotonic()
         if not self.dist.is_main:
@@ -632,33 +765,43 @@ class Trainer:
     def train(
         self,
         num_epochs: int | None = None,
-        max_steps: int | None = None,
         save_every: int | None = None,
         early_stopping_patience: int | None = None,
+        *,
+        max_steps: int | None = None,
         resume: str | None = None,
     ) -> dict[str, list]:
-        """Run until max_steps / num_epochs / early stopping / a signal. Returns the history.
+        """Train; returns the history as a dict of lists (per epoch in the Python API).
 
-        With a DataLoader and `num_epochs`, `save_every` counts epochs (as the seed API does);
-        otherwise steps. Checkpoints go to checkpoint_dir.
+        The document's `train(num_epochs, save_every=1, early_stopping_patience=None)`:
+        `num_epochs` more epochs from where the trainer is (a partly done one counts as one),
+        a checkpoint `checkpoint_dir/step_N.pt` every `save_every` epochs (0: none), early
+        stopping after `early_stopping_patience` epochs whose val loss did not drop by
+        `min_delta`. `max_steps`: at most that many more steps. With none of them (the CLI), the
+        settings' totals. It stops early on a signal (SIGINT/SIGTERM: a checkpoint is saved).
+        `resume`: "auto" (the newest valid checkpoint in checkpoint_dir), or a path, first.
         """
         s = self.settings
-        if num_epochs is not None:
-            s.max_epochs, s.max_steps = num_epochs, max_steps or 0
-        elif max_steps is not None:
-            s.max_steps = max_steps
-        if early_stopping_patience is not None:
-            s.patience = early_stopping_patience
-        if save_every is not None:
-            s.save_every = (
-                save_every * self.steps_per_epoch if num_epochs is not None else save_every
-            )
         if resume:
             self.resume(resume)
+        for name, value in (("num_epochs", num_epochs), ("max_steps", max_steps)):
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise UserError(f"train({name}={value!r}): give a whole number of at least 1")
+        if num_epochs is not None or max_steps is not None:  # counted from here (class doc)
+            done_epochs = self.train_data.epoch_of(self.global_step)
+            s.max_epochs = done_epochs + num_epochs if num_epochs is not None else 0
+            s.max_steps = self.global_step + max_steps if max_steps is not None else 0
+        if early_stopping_patience is not None:
+            s.patience = early_stopping_patience
+        if self.api:
+            s.save_every = self.steps_per_epoch * (1 if save_every is None else save_every)
+        elif save_every is not None:
+            s.save_every = save_every
         if s.patience and self.val_data is None:
-            raise UserError("early stopping needs validation data")
-        if self.val_data is not None and not s.eval_every and (s.patience or num_epochs):
+            raise UserError("early stopping needs validation data (val_dataloader)")
+        if self.val_data is not None and not s.eval_every and (s.patience or self.api):
             s.eval_every = self.steps_per_epoch  # after every epoch: what patience counts
+        self.stop_reason = ""
         self.model.train()
         self.warm_up()
         self._bar = _progress(self.max_steps, self.global_step) if s.progress else None
@@ -685,6 +828,8 @@ class Trainer:
         self._interval_steps += 1
         self._log_loss_sum += loss
         self._log_loss_count += 1
+        self._epoch_loss_sum += loss
+        self._epoch_loss_count += 1
         self.current_epoch = self.train_data.epoch_of(self.global_step)
         step = self.global_step
         if self.stop_agreed:  # the save first: a scheduler's grace period is short
@@ -722,6 +867,20 @@ class Trainer:
             self.sampler(self.model, step)
         if self.dashboard is not None:
             self.dashboard.maybe_refresh(step)
+        if self.history.by_epoch and step % self.steps_per_epoch == 0:
+            self._end_epoch(step, row)
+
+    def _end_epoch(self, step: int, row: MetricsRow | None) -> None:
+        """The Python API's history: one row per finished epoch (and one log line)."""
+        loss = self._epoch_loss_sum / max(1, self._epoch_loss_count)
+        self._epoch_loss_sum, self._epoch_loss_count = 0.0, 0
+        epoch = EpochRow(step // self.steps_per_epoch, step, loss, self.lr_at(step - 1))
+        line = f"epoch {epoch.epoch} | step {step} | train loss {loss:.4f}"
+        if row is not None and row.val_loss is not None and row.step == step:
+            epoch.val_loss, epoch.val_perplexity = row.val_loss, row.val_ppl
+            line += f" | val loss {row.val_loss:.4f} | ppl {row.val_ppl:.3f}"
+        self.history.epochs.append(epoch)
+        self.log(line)
 
     def _log_row(self, step: int) -> MetricsRow:
         s = self.settings
@@ -789,6 +948,23 @@ class Trainer:
         row = row or MetricsRow(step, self.tokens_seen, round(self.elapsed, 3))
         row.val_loss, row.val_ppl = loss, result["perplexity"]
         return row
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """The logits of a model's forward: a tensor, or `.logits` (Hugging Face), or `["logits"]`,
+    or the first item of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"the model's forward returned {type(output).__name__}, not logits: return a tensor "
+        "(B, T, vocab), or pass criterion= with a model that does"
+    )
 
 
 def _finite(x: float | None) -> float | None:

@@ -31,8 +31,10 @@ $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 demo: $(DEMO_STAMP)
 	$(BIN)/python scripts/demo.py --out $(DEMO)
 
+# Two tests at a time (pytest-xdist): most of them wait on a child process's start-up. A module
+# marked xdist_group runs on one worker, so its module fixtures are built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench scripts

@@ -72,7 +72,7 @@ def run_blocks(model, x):
     for block in model.blocks:
         h = block(
             h,
-            (model.rope_cos[: x.shape[1]][None, None], model.rope_sin[: x.shape[1]][None, None]),
+            model.rope(None, 0, x.shape[1]),
             None,
         )
     return h

@@ -50,86 +50,159 @@ def config_path(name: str) -> str:
     raise SystemExit(f"demo: configs/{name} not found (run the demo from the lmforge checkout)")
 
 
+# The smoke version (tests/test_demo.py): the same pipeline at a size that runs in seconds.
+SMOKE_TRAIN = [
+    "--model.n_layers=2",
+    "--model.dim=32",
+    "--model.n_heads=2",
+    "--model.context=128",
+    "--train.max_steps=30",
+    "--train.eval_every=15",
+    "--train.save_every=15",
+    "--train.sample_every=0",
+    "--log.plot_every=0",
+    "--train.warmup_passes=0",
+]
+SMOKE_SFT = ["--train.max_steps=10", "--train.eval_every=5", "--train.save_every=5",
+             "--sft.weights=0.02"]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python scripts/demo.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", default="demo_out", help="folder for data, runs and report")
+    parser.add_argument("--out", default="demo_out", help="folder for data, runs and exports")
     parser.add_argument("--size-mb", type=float, default=4.0, help="built-in corpus size")
+    parser.add_argument(
+        "--tokenizer",
+        default="bpe:1024",
+        help="prepare's tokenizer (one that GGUF carries: bpe:N or byte)",
+    )
     parser.add_argument(
         "--quiz", type=int, default=2, help="quiz lines after each story (prepare --quiz)"
     )
-    parser.add_argument("--fast", action="store_true", help="a 1-minute smoke version")
+    parser.add_argument("--questions", type=int, default=300, help="held-out questions to ask")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the same pipeline at a tiny size, in seconds (the test of the demo)",
+    )
     args = parser.parse_args(argv)
     start = time.time()
     out = Path(args.out)
-    data, pre, sft = out / "stories", out / "pretrain", out / "sft"
-    quick = ["--train.max_steps=40", "--train.eval_every=20"] if args.fast else []
+    data, pre, sft, export = out / "stories", out / "pretrain", out / "sft", out / "export"
+    size = 0.3 if args.smoke else args.size_mb
+    questions = 20 if args.smoke else args.questions
 
-    print("lmforge demo: built-in stories -> pretrain tiny -> SFT -> eval -> chat -> report")
-    for previous in (pre, sft):  # the demo's own runs of an earlier `make demo`: start afresh
+    print("lmforge demo: built-in stories -> pretrain -> SFT -> eval -> chat -> export -> report")
+    for previous in (pre, sft, export):  # the demo's own outputs of an earlier run: start afresh
         if previous.is_dir():
-            print(f"(removing the previous demo run {previous})")
+            print(f"(removing the previous demo output {previous})")
             shutil.rmtree(previous)
     precision = cpu_precision()
     run("env")
-    for preset in ("tiny", "seed-59m", "trm-23m", "trm-51m", "gpt2-124m"):
-        run("model-info", preset, "--batch", "8")
-    if not (data / "meta.json").is_file():
-        run(
-            "prepare",
-            "--builtin",
-            "stories",
-            "--size-mb",
-            str(args.size_mb),
-            "--seed",
-            "0",
-            "--quiz",
-            str(args.quiz),
-            "--out",
-            str(data),
-        )
+    run("model-info", config_path("tiny-cpu.yaml"), "--batch", "4")
+    if not (data / "meta.json").is_file() or _prepared_with(data) != (args.tokenizer, size):
+        run("prepare", "--builtin", "stories", "--size-mb", str(size), "--seed", "0",
+            "--quiz", str(args.quiz), "--tokenizer", args.tokenizer, "--out", str(data),
+            "--overwrite")  # fmt: skip
     else:
         print(f"\n(reusing the prepared corpus in {data})")
-    run(
-        "train",
-        config_path("tiny-cpu.yaml"),
-        f"--data.dir={data}",
-        f"--run.dir={pre}",
-        *precision,
-        *quick,
-    )
-    before = evaluate(pre, data, "before SFT")
-    run(
-        "sft",
-        config_path("tiny-sft.yaml"),
-        "--init-from",
-        str(pre),
-        f"--sft.data=stories-qa:{data / 'qa_train.jsonl'}",
-        f"--run.dir={sft}",
-        *precision,
-        *(["--train.max_steps=20"] if args.fast else []),
-    )
-    after = evaluate(sft, data, "after SFT")
+    run("train", config_path("tiny-cpu.yaml"), f"--data.dir={data}", f"--run.dir={pre}",
+        *precision, *(SMOKE_TRAIN if args.smoke else []))  # fmt: skip
+    before = evaluate(pre, data, "before SFT", questions)
+    run("sft", config_path("tiny-sft.yaml"), "--init-from", str(pre),
+        f"--sft.data=stories-qa:{data / 'qa_train.jsonl'}", f"--run.dir={sft}",
+        *precision, *(SMOKE_SFT if args.smoke else []))  # fmt: skip
+    after = evaluate(sft, data, "after SFT", questions)
     chat(sft, data)
-    wall = time.time() - start
+    same, total = export_and_check(sft, data, export, questions)
+    summary(out, data, pre, sft, export, before, after, same, total, time.time() - start)
+    return 0
+
+
+def _prepared_with(data: Path) -> tuple[str, float] | None:
+    meta = json.loads((data / "meta.json").read_text())
+    return meta.get("tokenizer", {}).get("name"), meta.get("builtin", {}).get("size_mb")
+
+
+def summary(out: Path, data: Path, pre: Path, sft: Path, export: Path, before: dict,
+            after: dict, same: int, total: int, wall: float) -> None:  # fmt: skip
     meta = json.loads((data / "meta.json").read_text())
     floor = meta.get("entropy_floor_nats_per_token")
-    info = json.loads((pre / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
     best = best_val_loss(pre)
+    chars_per_token = meta.get("bytes_per_token")  # the stories are ASCII: a byte is a char
     print("\n=== demo summary ===")
     if floor is not None and best is not None:
+        gap = best - floor
+        char = f" ({gap / chars_per_token:+.4f} nats/char)" if chars_per_token else ""
         print(
-            f"pretrained tiny: best val loss {best:.4f} nats/token, entropy floor {floor:.4f}: "
-            f"{best - floor:+.4f} nats/token above the best loss any model could reach"
+            f"pretrained model: best val loss {best:.4f} nats/token; the entropy floor (the best "
+            f"any model could reach) is {floor:.4f}: {gap:+.4f} nats/token above it{char}"
         )
-    print(f"story Q&A accuracy on held-out stories: before SFT {before:.1%}, after SFT {after:.1%}")
-    print(f"tokens seen in pretraining: {int(info.get('tokens_seen') or 0):,}")
+    print(f"story Q&A accuracy on {after['examples']} held-out questions: before SFT "
+          f"{before['accuracy']:.1f} %, after SFT {after['accuracy']:.1f} %")  # fmt: skip
+    kinds = after.get("per_question", {})
+    if kinds:
+        print("  by kind of question: " + ", ".join(
+            f"{k} {v['accuracy']:.0f} %" for k, v in kinds.items()))  # fmt: skip
+    print(f"exported model: {export / 'hf'} (Hugging Face) and {export / 'model.gguf'} (GGUF)")
+    print(f"  transformers' greedy answers equal lmforge's on {same} of {total} held-out questions")
+    print(f"  chat with it in llama.cpp:  llama-cli -m {export / 'model.gguf'} -cnv --jinja")
+    print(
+        f"  or in Ollama:  printf 'FROM ./model.gguf\\n' > {export}/Modelfile && ollama create "
+        f"lmforge-demo -f {export}/Modelfile && ollama run lmforge-demo"
+    )
     print(f"reports: {pre / 'training_plots'}  and  {sft / 'training_plots'}")
     print(f"wall time: {wall / 60:.1f} min")
-    return 0
+
+
+def export_and_check(sft: Path, data: Path, export: Path, questions: int) -> tuple[int, int]:
+    """Export the SFT model to Hugging Face and GGUF; load the HF folder with transformers and
+    compare its greedy answers with lmforge's on the held-out questions (the same prompts, built
+    by the exported chat template and by lmforge's render)."""
+    from transformers import AutoTokenizer
+
+    from lmforge.chat_format import render_prompt, stop_ids
+    from lmforge.data.instruct import load_sources
+    from lmforge.export import hf_greedy_matches
+    from lmforge.generate import load_for_generation
+
+    run("export", str(sft), "--format", "hf", "--out", str(export / "hf"))
+    run("export", str(sft), "--format", "gguf", "--out", str(export / "model.gguf"))
+    print(f"\n(transformers loads {export / 'hf'}; its greedy answers against lmforge's)")
+    loaded = load_for_generation(str(sft), "cpu")
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(export / "hf"))
+    conversations = load_sources(f"stories-qa:{data / 'qa_val.jsonl'}")[:questions]
+    prompts = []
+    for conversation in conversations:
+        asked = conversation[: max(i for i, t in enumerate(conversation) if t.role == "assistant")]
+        ours = render_prompt(asked, loaded.tokenizer)
+        messages = [{"role": t.role, "content": t.content} for t in asked]
+        theirs = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        theirs = theirs["input_ids"] if isinstance(theirs, dict) else list(theirs)
+        if list(theirs) != ours:
+            raise SystemExit("demo: the exported chat template renders a prompt differently")
+        prompts.append(ours[-(loaded.context - 32) :])
+    same, differ = hf_greedy_matches(export / "hf", loaded.model, prompts, 32,
+                                     stop_ids(loaded.tokenizer), loaded.vocab_limit)  # fmt: skip
+    first = conversations[0]
+    answer = loaded.tokenizer.decode(
+        loaded.model.generate([prompts[0]], 32, temperature=0.0,
+                              stop_tokens=stop_ids(loaded.tokenizer),
+                              vocab_limit=loaded.vocab_limit)[0])  # fmt: skip
+    print(
+        f"question: {first[-2].content.splitlines()[-1]}  transformers and lmforge: "
+        f"{answer.strip()!r}" + ("" if 0 not in {i for i, *_ in differ} else " (they differ)")
+    )
+    for i, mine, theirs in differ[:3]:
+        print(
+            f"  differ on question {i}: lmforge {loaded.tokenizer.decode(mine)!r}, "
+            f"transformers {loaded.tokenizer.decode(theirs)!r}"
+        )
+    return same, len(prompts)
 
 
 def cpu_precision() -> list[str]:
@@ -156,20 +229,15 @@ def best_val_loss(run_dir: Path) -> float | None:
     return min(values) if values else None
 
 
-def evaluate(run_dir: Path, data: Path, label: str) -> float:
+def evaluate(run_dir: Path, data: Path, label: str, questions: int) -> dict:
+    """`lmforge eval` on the held-out questions; its JSON (scores in percent)."""
     result = run_dir / f"eval_{label.replace(' ', '_')}.json"
-    run_quiet(
-        "eval",
-        str(run_dir),
-        "--data",
-        f"stories-qa:{data / 'qa_val.jsonl'}",
-        "--limit",
-        "300",
-        "--json",
-        str(result),
-    )
-    metrics = json.loads(result.read_text())["metrics"]  # percentages
-    return float(metrics.get("accuracy", metrics.get("exact_match", 0.0))) / 100
+    run_quiet("eval", str(run_dir), "--data", f"stories-qa:{data / 'qa_val.jsonl'}",
+              "--limit", str(questions), "--json", str(result))  # fmt: skip
+    found = json.loads(result.read_text())
+    metrics = found["metrics"]
+    found["accuracy"] = float(metrics.get("accuracy", metrics.get("exact_match", 0.0)))
+    return found
 
 
 def chat(run_dir: Path, data: Path) -> None:

@@ -15,6 +15,15 @@ def _session_cache(tmp_path_factory):
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
+def pytest_configure(config):
+    """One thread per test process: `make test` runs two tests at a time (pytest -n 2) on two
+    cores, and two processes of two threads each would wait on each other's barriers."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def stories(tmp_path_factory) -> Path:
     """The built-in story corpus, 0.3 MB, char tokenizer (read-only: copy it to change it)."""

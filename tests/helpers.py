@@ -36,6 +36,7 @@ TINY = [
     "--train.eval_every=10",
     "--train.eval_batches=2",
     "--train.save_every_minutes=0",
+    "--train.threads=1",  # the suite runs two tests at a time on two cores (pytest -n 2)
 ]
 
 NAMES = ["Ben", "Mia", "Tom", "Lily", "Sam", "Anna"]

@@ -301,3 +301,60 @@ def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
     assert torch.equal(y, expected.bfloat16())
     y.float().sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+
+def test_cpu_rms_norm_equals_the_plain_formula_with_gradients():
+    """The hand-written CPU RMSNorm backward (model._CPURMSNorm) gives what autograd gives
+    through x / sqrt(mean(x^2) + eps) * weight."""
+    from lmforge.model import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(24, generator=g) + 0.5)
+    x = (3 * torch.randn(3, 5, 24, generator=g)).requires_grad_()
+    grad = torch.randn(3, 5, 24, generator=g)
+    weight = norm.weight.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    expected = x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+    expected.backward(grad)
+    got = norm(x)
+    got.backward(grad)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(norm.weight.grad, weight.grad, atol=1e-5, rtol=1e-5)
+    # In float64 the same Function is exact to the analytic gradient.
+    from lmforge.model import _CPURMSNorm
+
+    x64 = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w64 = torch.rand(8, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _CPURMSNorm.apply(a, b, 1e-5), (x64, w64))
+
+
+def test_rope_roll_form_equals_rotate_half_with_gradients():
+    """apply_rope (one roll and one addcmul, the sign folded into the sin table) is the Hugging
+    Face form x * cos + rotate_half(x) * sin, forward and backward."""
+    from lmforge.model import apply_rope, rope_tables
+
+    cos, sin = rope_tables(16, 10, 10000.0)
+    x = torch.randn(2, 3, 10, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    rotated = torch.cat([-x_ref[..., 8:], x_ref[..., :8]], dim=-1)
+    expected = x_ref * cos + rotated * sin
+    got = apply_rope(x, cos, sin)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=0)
+
+
+def test_rope_positions_sliced_or_gathered_give_the_same_logits():
+    """Plain positions take a slice of the rotary tables; explicit position_ids gather them."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg()).eval()
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        plain = model(idx)
+        gathered = model(idx, position_ids=torch.arange(12).expand(2, 12))
+    torch.testing.assert_close(plain, gathered, atol=0, rtol=0)

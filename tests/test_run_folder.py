@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,13 +31,18 @@ def rows(run: Path) -> list[dict[str, str]]:
         return [{k: r[k] for k in COMPARED} for r in csv.DictReader(f)]
 
 
-@pytest.fixture
-def used_run(stories, tmp_path) -> Path:
-    """A finished 20-step run with checkpoints at 10 and 20."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def _finished_run(stories, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
     result = train(stories, run, "--train.max_steps=20", "--train.save_every=10")
     assert result.returncode == 0, result.stderr
     return run
+
+
+@pytest.fixture
+def used_run(_finished_run, tmp_path) -> Path:
+    """A finished 20-step run with checkpoints at 10 and 20 (a copy: each test may change it)."""
+    return Path(shutil.copytree(_finished_run, tmp_path / "run"))
 
 
 def refused(run: Path, result: subprocess.CompletedProcess, before: dict[str, str]) -> str:

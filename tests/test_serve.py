@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+# Its module fixtures are built once: all its tests go to one pytest-xdist worker (make test).
+pytestmark = pytest.mark.xdist_group("serve")
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")

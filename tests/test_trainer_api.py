@@ -339,9 +339,12 @@ def test_gradient_accumulation_equals_bigger_batch(tmp_path: Path) -> None:
         assert trainer.global_step == 1
         models.append(model)
     start = tiny_model(tokenizer).state_dict()
+    # Summed in another order, the gradients differ in their last bits; AdamW's first step moves
+    # each weight by about lr * sign(grad), so a gradient near its eps can move a weight a little
+    # differently: 1e-5 is 0.1 % of that step (a wrong accumulation is off by the whole step).
     for name, value in models[0].state_dict().items():
         assert not torch.equal(value, start[name]) or "rope" in name, name  # it did train
-        torch.testing.assert_close(models[1].state_dict()[name], value, atol=1e-6, rtol=0)
+        torch.testing.assert_close(models[1].state_dict()[name], value, atol=1e-5, rtol=0)
 
 
 def test_accumulation_epoch_reads_every_batch_once() -> None:

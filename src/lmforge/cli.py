@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lmforge ... | head`: the reader has gone, nothing to say
+        return 0
     except OSError as e:  # the disk said no outside a guarded write: still one line
         if e.errno not in DISK_ERRNOS:
             raise  # not the disk's refusal: a bug, with its traceback

@@ -14,10 +14,19 @@ from lmforge.model import Transformer
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def build_on_meta(cfg: ModelConfig) -> Transformer:
-    """The model with no storage: shapes and counts of any size, instantly."""
-    with torch.device("meta"):
+def build_unset(cfg: ModelConfig) -> Transformer:
+    """The model for its shapes and counts, at any size, instantly: its weights are left
+    uninitialised (empty tensors: memory is reserved, never touched). Not torch's meta device:
+    every op on it goes through torch's compiler, whose import alone costs 2.4 s of a start."""
+    skipped = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in skipped}
+    try:
+        for name in skipped:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
         return Transformer(cfg)
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def parameter_parts(cfg: ModelConfig) -> dict[str, int]:
@@ -25,7 +34,7 @@ def parameter_parts(cfg: ModelConfig) -> dict[str, int]:
     parts = {"embedding": 0, "positions": 0, "attention": 0, "ffn": 0, "norms": 0, "lm_head": 0}
     if cfg.canon:
         parts["canon"] = 0
-    model = build_on_meta(cfg)
+    model = build_unset(cfg)
     for name, p in model.named_parameters():  # a tied head is the embedding: counted once
         if name.startswith("wte."):
             parts["embedding"] += p.numel()

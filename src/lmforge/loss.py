@@ -8,6 +8,9 @@ one chunk of logits. The gradients are exact (same formula as autograd's), store
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -65,10 +68,6 @@ def default_chunk_tokens(vocab: int, budget: int = 2**25) -> int:
     return max(128, budget // max(1, vocab))
 
 
-# Kept out of torch.compile: its gradients are computed in forward, and once compiled on CUDA
-# (torch 2.11, inductor) `ctx.needs_input_grad` read False there, so backward returned zeros and
-# nothing trained. Eager here costs one graph break at the head; the blocks stay compiled.
-@torch.compiler.disable
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -83,7 +82,25 @@ def chunked_cross_entropy(
     hidden (..., d), targets (...). `reduction="sum"` lets the caller normalise by the count of
     non-ignored tokens across micro-batches (instruction tuning). `vocab_limit` masks the padded
     vocabulary rows beyond it. Same loss and gradients as `plain_cross_entropy`.
+
+    Kept out of torch.compile: its gradients are computed in forward, and once compiled on CUDA
+    (torch 2.11, inductor) `ctx.needs_input_grad` read False there, so backward returned zeros
+    and nothing trained. Eager costs one graph break at the head; the blocks stay compiled. The
+    guard is made only once torch's compiler is loaded (`import torch._dynamo` costs 2.4 s of a
+    CPU start, and nothing can be compiling before it is).
     """
+    if "torch._dynamo" in sys.modules:
+        return _outside_compile()(hidden, weight, targets, chunk_size, ignore_index, reduction,
+                                  vocab_limit)  # fmt: skip
+    return _chunked(hidden, weight, targets, chunk_size, ignore_index, reduction, vocab_limit)
+
+
+@functools.cache
+def _outside_compile():
+    return torch.compiler.disable(_chunked)
+
+
+def _chunked(hidden, weight, targets, chunk_size, ignore_index, reduction, vocab_limit):
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     chunk_size = chunk_size or default_chunk_tokens(weight.shape[0])

@@ -30,6 +30,9 @@ from helpers import TINY, checksums, lmforge_subprocess, make_tiny_run
 from lmforge.commands import COMMANDS
 from lmforge.tokenizers import load_tokenizer
 
+# Its module fixtures are built once: all its tests go to one pytest-xdist worker (make test).
+pytestmark = pytest.mark.xdist_group("bad_input")
+
 PARALLEL = min(4, os.cpu_count() or 1)
 
 

@@ -29,23 +29,7 @@ IDENTITY_KEYS = ("vocab_size", "dtype", "train_tokens", "val_tokens", "eot_id")
 
 
 def pretrain_phase(cfg: Config, d: Dist, precision: Precision) -> Phase:
-    if not cfg.data.dir:
-        raise UserError("data.dir is not set: point it at a folder made by `lmforge prepare` "
-                        "(e.g. --data.dir=data/stories)")  # fmt: skip
-    data_dir = Path(cfg.data.dir)
-    _refuse_raw_instruction_file(data_dir)
-    meta = read_meta(data_dir)
-    formats, files = instruction_sources(meta)
-    warnings = []
-    if formats and not cfg.data.allow_instruction_data:
-        sft_data = ",".join(files) or "FILE"
-        raise UserError(f"{data_dir} was prepared from instruction data ({formats}): phase 1 "
-                        f"pretrains on plain text; tune on it with `lmforge sft "
-                        f"--sft.data={sft_data}`, or pass --data.allow_instruction_data=true to "
-                        "pretrain on its text anyway")  # fmt: skip
-    if formats:
-        warnings.append(f"pretraining on instruction data ({formats}): "
-                        "data.allow_instruction_data=true")  # fmt: skip
+    data_dir, meta, warnings = _checked_data(cfg)
     cfg.model.vocab_size = int(meta["vocab_size"])
     t = cfg.train
     tokenizer = load_tokenizer(data_dir)
@@ -64,11 +48,6 @@ def pretrain_phase(cfg: Config, d: Dist, precision: Precision) -> Phase:
     val = TokenBatches(data_dir / "val.bin", m.context, t.batch_size, t.seed + 1,
                        mode="doc" if doc else "random", first_doc_only=doc, **where)  # fmt: skip
     floor = meta.get("entropy_floor_nats_per_token")
-    tok_name = meta.get("tokenizer", {}).get("name", "?")
-    data_line = (f"data {data_dir}: {meta.get('train_tokens', 0):,} train / "
-                 f"{meta.get('val_tokens', 0):,} val tokens, tokenizer {tok_name}")  # fmt: skip
-    if floor is not None:
-        data_line += f", entropy floor {floor:.4f} nats/token"
     return Phase(
         name="pretrain",
         model=model,
@@ -79,7 +58,7 @@ def pretrain_phase(cfg: Config, d: Dist, precision: Precision) -> Phase:
             "tokenizer": meta.get("tokenizer", {}),
             **{k: meta.get(k) for k in IDENTITY_KEYS},
         },  # fmt: skip
-        describe=[f"model {m.preset}: {model_summary(m)}", data_line],
+        describe=[f"model {m.preset}: {model_summary(m)}", _data_line(data_dir, meta)],
         settings={"entropy_floor": floor, "chars_per_token": _chars_per_token(meta)},
         run_info={
             "data": cfg.data.dir,
@@ -89,6 +68,36 @@ def pretrain_phase(cfg: Config, d: Dist, precision: Precision) -> Phase:
         vocab_limit=int(meta["vocab_size"]),
         warnings=warnings,
     )
+
+
+def _checked_data(cfg: Config) -> tuple[Path, dict[str, Any], list[str]]:
+    """The prepared folder, its meta.json, and warnings; refuses instruction data unless allowed."""
+    if not cfg.data.dir:
+        raise UserError("data.dir is not set: point it at a folder made by `lmforge prepare` "
+                        "(e.g. --data.dir=data/stories)")  # fmt: skip
+    data_dir = Path(cfg.data.dir)
+    _refuse_raw_instruction_file(data_dir)
+    meta = read_meta(data_dir)
+    formats, files = instruction_sources(meta)
+    if formats and not cfg.data.allow_instruction_data:
+        sft_data = ",".join(files) or "FILE"
+        raise UserError(f"{data_dir} was prepared from instruction data ({formats}): phase 1 "
+                        f"pretrains on plain text; tune on it with `lmforge sft "
+                        f"--sft.data={sft_data}`, or pass --data.allow_instruction_data=true to "
+                        "pretrain on its text anyway")  # fmt: skip
+    warnings = []
+    if formats:
+        warnings.append(f"pretraining on instruction data ({formats}): "
+                        "data.allow_instruction_data=true")  # fmt: skip
+    return data_dir, meta, warnings
+
+
+def _data_line(data_dir: Path, meta: dict[str, Any]) -> str:
+    floor = meta.get("entropy_floor_nats_per_token")
+    line = (f"data {data_dir}: {meta.get('train_tokens', 0):,} train / "
+            f"{meta.get('val_tokens', 0):,} val tokens, tokenizer "
+            f"{meta.get('tokenizer', {}).get('name', '?')}")  # fmt: skip
+    return line + (f", entropy floor {floor:.4f} nats/token" if floor is not None else "")
 
 
 def instruction_sources(meta: dict[str, Any]) -> tuple[str, list[str]]:
@@ -131,9 +140,8 @@ def _refuse_raw_instruction_file(data_dir: Path) -> None:
 
 
 def _chars_per_token(meta: dict[str, Any]) -> float | None:
-    """Characters per token of the validation split (to state the floor distance per char)."""
-    if meta.get("val_chars") and meta.get("val_tokens"):
-        return meta["val_chars"] / meta["val_tokens"]
+    """Characters per token (to state the floor distance per char too): the corpus's bytes per
+    token, which for ASCII text such as the built-in stories are characters."""
     return meta.get("bytes_per_token")
 
 

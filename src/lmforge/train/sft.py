@@ -20,6 +20,7 @@ from lmforge.distributed import Dist
 from lmforge.errors import UserError
 from lmforge.info import count_parameters, model_summary
 from lmforge.model import Transformer
+from lmforge.tokenizers import Tokenizer
 from lmforge.train.checkpoint import load_model, load_run_tokenizer
 from lmforge.train.phase import Phase
 from lmforge.train.trainer import Batches
@@ -46,16 +47,7 @@ class InstructionBatches(Batches):
 
 def sft_phase(cfg: Config, d: Dist, precision: Precision) -> Phase:
     t, s = cfg.train, cfg.sft
-    if not t.init_from:
-        raise UserError("lmforge sft needs --init-from CKPT_OR_RUN: the phase-1 checkpoint or "
-                        "run folder to start from")  # fmt: skip
-    if not s.data:
-        raise UserError("sft.data is not set: name instruction files, e.g. "
-                        "--sft.data=stories-qa:data/stories/qa_train.jsonl")  # fmt: skip
-    model, init = load_model(t.init_from)
-    tokenizer = load_run_tokenizer(init)
-    identity = init.get("tokenizer") or tokenizer.identity()
-    check_data_tokenizer(s.data, identity)
+    model, init, tokenizer, identity = _start_from(cfg)
     conversations = load_sources(s.data, s.weights or None, skip_bad=s.skip_bad, seed=t.seed,
                                  allow_plain_text=s.allow_plain_text,
                                  questions_per_story=s.questions_per_story)  # fmt: skip
@@ -67,40 +59,15 @@ def sft_phase(cfg: Config, d: Dist, precision: Precision) -> Phase:
     pad = chat_ids(tokenizer).pad
     train = SFTBatches(train_ex, t.batch_size, t.seed, pad_id=pad, pack=s.pack, seq_len=m.context)
     val = SFTBatches(val_ex, t.batch_size, t.seed + 1, pad_id=pad, pack=s.pack, seq_len=m.context)
-    batches = InstructionBatches(train, t.grad_accum, d.rank, d.world_size)
-    layout = "packed" if s.pack else "padded"
+    steps_per_epoch = max(1, -(-train.batches_per_epoch // (t.grad_accum * d.world_size)))
     describe = [f"init from {init['path']}: {model_summary(m)}"
                 + (" (embedding extended for the chat tokens)" if extended else "")]  # fmt: skip
-    for src in conversations.sources:
-        describe.append(
-            f"data {src.path} ({src.format}): {src.records:,} conversations, weight "
-            f"{src.weight:g}, used {src.used:,}"
-            + (f", skipped {src.skipped}" if src.skipped else "")
-        )
-    describe.append(f"examples: {len(train_ex):,} train / {len(val_ex):,} val ({layout}, "
-                    f"{train.batches_per_epoch:,} batches per epoch)")  # fmt: skip
-    warnings = []
-    if dropped:
-        warnings.append(
-            f"warning: {dropped:,} conversations left out: the model's context "
-            f"({m.context} tokens) cuts away all of their assistant text"
-        )
-    if dropped:
-        warnings.append(
-            f"warning: {dropped:,} conversations left out: the model's context "
-            f"({m.context} tokens) cuts away all of their assistant text"
-        )
-    if (unknown := unknown_fraction(train_ex[:2000], tokenizer)) > 0.01:
-        warnings.append(
-            f"warning: {100 * unknown:.1f}% of the training ids are the tokenizer's "
-            "unknown id: the data uses characters the checkpoint's vocabulary lacks"
-        )
-    steps_per_epoch = max(1, -(-train.batches_per_epoch // (t.grad_accum * d.world_size)))
+    describe += _describe_data(conversations, (len(train_ex), len(val_ex)), train, s.pack)
     return Phase(
         name="sft",
         model=model,
         tokenizer=tokenizer,
-        train_batches=batches,
+        train_batches=InstructionBatches(train, t.grad_accum, d.rank, d.world_size),
         val_batches=InstructionBatches(val),
         data_identity={"tokenizer": identity, **train.state_dict()},
         describe=describe,
@@ -122,13 +89,54 @@ def sft_phase(cfg: Config, d: Dist, precision: Precision) -> Phase:
                 "train": len(train_ex),
                 "val": len(val_ex),
                 "skipped": conversations.skipped,
-            },
-        },  # fmt: skip
+            },  # fmt: skip
+        },
         chat=True,
         vocab_limit=tokenizer.vocab_size + N_CHAT_TOKENS,
         init_from=Path(init["path"]),
-        warnings=warnings,
+        warnings=_warnings(dropped, unknown_fraction(train_ex[:2000], tokenizer), m.context),
     )
+
+
+def _start_from(cfg: Config) -> tuple[Transformer, dict[str, Any], Tokenizer, dict[str, Any]]:
+    """The phase-1 model, its checkpoint record, its tokenizer and that tokenizer's identity,
+    after checking that the instruction data was prepared for that tokenizer."""
+    if not cfg.train.init_from:
+        raise UserError("lmforge sft needs --init-from CKPT_OR_RUN: the phase-1 checkpoint or "
+                        "run folder to start from")  # fmt: skip
+    if not cfg.sft.data:
+        raise UserError("sft.data is not set: name instruction files, e.g. "
+                        "--sft.data=stories-qa:data/stories/qa_train.jsonl")  # fmt: skip
+    model, init = load_model(cfg.train.init_from)
+    tokenizer = load_run_tokenizer(init)
+    identity = init.get("tokenizer") or tokenizer.identity()
+    check_data_tokenizer(cfg.sft.data, identity)
+    return model, init, tokenizer, identity
+
+
+def _describe_data(conversations, examples: tuple[int, int], train: SFTBatches, pack: bool
+                   ) -> list[str]:  # fmt: skip
+    lines = [
+        f"data {src.path} ({src.format}): {src.records:,} conversations, weight {src.weight:g}, "
+        f"used {src.used:,}" + (f", skipped {src.skipped}" if src.skipped else "")
+        for src in conversations.sources
+    ]
+    lines.append(f"examples: {examples[0]:,} train / {examples[1]:,} val "
+                 f"({'packed' if pack else 'padded'}, {train.batches_per_epoch:,} batches per "
+                 "epoch)")  # fmt: skip
+    return lines
+
+
+def _warnings(dropped: int, unknown: float, context: int) -> list[str]:
+    warnings = []
+    if dropped:
+        warnings.append(f"warning: {dropped:,} conversations left out: the model's context "
+                        f"({context} tokens) cuts away all of their assistant text")  # fmt: skip
+    if unknown > 0.01:
+        warnings.append(f"warning: {100 * unknown:.1f}% of the training ids are the tokenizer's "
+                        "unknown id: the data uses characters the checkpoint's vocabulary "
+                        "lacks")  # fmt: skip
+    return warnings
 
 
 def chat_ready_model(model: Transformer, tokenizer_vocab: int) -> tuple[Transformer, bool]:

@@ -33,7 +33,7 @@ def cpu_flags() -> list[str]:
     """The CPU's vector extensions that decide fp32/bf16 speed (avx2, avx512f, avx512_bf16, amx)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")))
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
     except (OSError, StopIteration):
         return []
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

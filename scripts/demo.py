@@ -55,16 +55,21 @@ SMOKE_TRAIN = [
     "--model.n_layers=2",
     "--model.dim=32",
     "--model.n_heads=2",
-    "--model.context=128",
-    "--train.max_steps=30",
-    "--train.eval_every=15",
-    "--train.save_every=15",
+    "--model.context=256",
+    "--train.max_steps=80",  # at 1e-2: enough for answers that vary (a fair comparison)
+    "--optim.lr=1e-2",
+    "--schedule.warmup_steps=10",
+    "--train.eval_every=40",
+    "--train.save_every=40",
     "--train.sample_every=0",
     "--log.plot_every=0",
     "--train.warmup_passes=0",
 ]
-SMOKE_SFT = ["--train.max_steps=10", "--train.eval_every=5", "--train.save_every=5",
-             "--sft.weights=0.02"]  # fmt: skip
+SMOKE_SFT = ["--train.max_steps=20", "--train.eval_every=5", "--train.save_every=10",
+             "--optim.lr=3e-3", "--schedule.warmup_steps=5", "--sft.weights=0.02"]  # fmt: skip
+# --exportable: a standard Llama block (no canon layers) on the byte tokenizer, which Hugging Face
+# and GGUF both carry. It answers less well within the demo's time (README, "The demo's recipe").
+EXPORTABLE_TRAIN = ["--model.canon=0"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,12 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out", help="folder for data, runs and exports")
     parser.add_argument("--size-mb", type=float, default=4.0, help="built-in corpus size")
     parser.add_argument(
-        "--tokenizer",
-        default="bpe:1024",
-        help="prepare's tokenizer (one that GGUF carries: bpe:N or byte)",
+        "--exportable",
+        action="store_true",
+        help="train a model that exports to Hugging Face and GGUF (byte "
+        "tokenizer, no canon layers), export it and check it in transformers",
     )
     parser.add_argument(
-        "--quiz", type=int, default=2, help="quiz lines after each story (prepare --quiz)"
+        "--tokenizer",
+        default=None,
+        help="prepare's tokenizer (default: char, or byte with --exportable)",
+    )
+    parser.add_argument(
+        "--quiz",
+        type=int,
+        default=None,
+        help="quiz lines after each story (prepare --quiz; default 2, or 4 with --exportable)",
     )
     parser.add_argument("--questions", type=int, default=300, help="held-out questions to ask")
     parser.add_argument(
@@ -90,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the same pipeline at a tiny size, in seconds (the test of the demo)",
     )
     args = parser.parse_args(argv)
+    exportable = args.exportable or args.smoke
+    tokenizer = args.tokenizer or ("byte" if exportable else "char")
+    quiz = args.quiz if args.quiz is not None else (4 if exportable else 2)
     start = time.time()
     out = Path(args.out)
     data, pre, sft, export = out / "stories", out / "pretrain", out / "sft", out / "export"
@@ -104,32 +121,34 @@ def main(argv: list[str] | None = None) -> int:
     precision = cpu_precision()
     run("env")
     run("model-info", config_path("tiny-cpu.yaml"), "--batch", "4")
-    if not (data / "meta.json").is_file() or _prepared_with(data) != (args.tokenizer, size):
+    if not (data / "meta.json").is_file() or _prepared_with(data) != (tokenizer, size, quiz):
         run("prepare", "--builtin", "stories", "--size-mb", str(size), "--seed", "0",
-            "--quiz", str(args.quiz), "--tokenizer", args.tokenizer, "--out", str(data),
+            "--quiz", str(quiz), "--tokenizer", tokenizer, "--out", str(data),
             "--overwrite")  # fmt: skip
     else:
         print(f"\n(reusing the prepared corpus in {data})")
     run("train", config_path("tiny-cpu.yaml"), f"--data.dir={data}", f"--run.dir={pre}",
-        *precision, *(SMOKE_TRAIN if args.smoke else []))  # fmt: skip
+        *precision, *(EXPORTABLE_TRAIN if exportable else []),
+        *(SMOKE_TRAIN if args.smoke else []))  # fmt: skip
     before = evaluate(pre, data, "before SFT", questions)
     run("sft", config_path("tiny-sft.yaml"), "--init-from", str(pre),
         f"--sft.data=stories-qa:{data / 'qa_train.jsonl'}", f"--run.dir={sft}",
         *precision, *(SMOKE_SFT if args.smoke else []))  # fmt: skip
     after = evaluate(sft, data, "after SFT", questions)
     chat(sft, data)
-    same, total = export_and_check(sft, data, export, questions)
-    summary(out, data, pre, sft, export, before, after, same, total, time.time() - start)
+    checked = export_and_check(sft, data, export, questions) if exportable else None
+    summary(out, data, pre, sft, export, before, after, checked, time.time() - start)
     return 0
 
 
-def _prepared_with(data: Path) -> tuple[str, float] | None:
+def _prepared_with(data: Path) -> tuple[str, float, int] | None:
     meta = json.loads((data / "meta.json").read_text())
-    return meta.get("tokenizer", {}).get("name"), meta.get("builtin", {}).get("size_mb")
+    builtin = meta.get("builtin", {})
+    return meta.get("tokenizer", {}).get("name"), builtin.get("size_mb"), builtin.get("quiz")
 
 
 def summary(out: Path, data: Path, pre: Path, sft: Path, export: Path, before: dict,
-            after: dict, same: int, total: int, wall: float) -> None:  # fmt: skip
+            after: dict, checked: tuple[int, int] | None, wall: float) -> None:  # fmt: skip
     meta = json.loads((data / "meta.json").read_text())
     floor = meta.get("entropy_floor_nats_per_token")
     best = best_val_loss(pre)
@@ -148,13 +167,23 @@ def summary(out: Path, data: Path, pre: Path, sft: Path, export: Path, before: d
     if kinds:
         print("  by kind of question: " + ", ".join(
             f"{k} {v['accuracy']:.0f} %" for k, v in kinds.items()))  # fmt: skip
-    print(f"exported model: {export / 'hf'} (Hugging Face) and {export / 'model.gguf'} (GGUF)")
-    print(f"  transformers' greedy answers equal lmforge's on {same} of {total} held-out questions")
-    print(f"  chat with it in llama.cpp:  llama-cli -m {export / 'model.gguf'} -cnv --jinja")
-    print(
-        f"  or in Ollama:  printf 'FROM ./model.gguf\\n' > {export}/Modelfile && ollama create "
-        f"lmforge-demo -f {export}/Modelfile && ollama run lmforge-demo"
-    )
+    if checked is None:
+        print(
+            "not exported: this model has canon layers, which Hugging Face and GGUF have no "
+            "place for; `python scripts/demo.py --exportable` trains one that exports"
+        )
+    else:
+        same, total = checked
+        print(f"exported model: {export / 'hf'} (Hugging Face) and {export / 'model.gguf'} (GGUF)")
+        print(
+            f"  transformers' greedy answers equal lmforge's on {same} of {total} held-out "
+            "questions"
+        )
+        print(f"  chat with it in llama.cpp:  llama-cli -m {export / 'model.gguf'} -cnv --jinja")
+        print(
+            f"  or in Ollama:  printf 'FROM ./model.gguf\\n' > {export}/Modelfile && ollama "
+            f"create lmforge-demo -f {export}/Modelfile && ollama run lmforge-demo"
+        )
     print(f"reports: {pre / 'training_plots'}  and  {sft / 'training_plots'}")
     print(f"wall time: {wall / 60:.1f} min")
 
@@ -182,7 +211,7 @@ def export_and_check(sft: Path, data: Path, export: Path, questions: int) -> tup
         ours = render_prompt(asked, loaded.tokenizer)
         messages = [{"role": t.role, "content": t.content} for t in asked]
         theirs = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        theirs = theirs["input_ids"] if isinstance(theirs, dict) else list(theirs)
+        theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs  # a BatchEncoding
         if list(theirs) != ours:
             raise SystemExit("demo: the exported chat template renders a prompt differently")
         prompts.append(ours[-(loaded.context - 32) :])

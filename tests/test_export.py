@@ -199,6 +199,32 @@ def test_sft_export_has_the_chat_template_and_end_token(tmp_path, bpe):
 
 
 # --------------------------------------------------------------------------- import
+def test_transformers_greedy_answers_equal_lmforge_generate(tmp_path, bpe):
+    """What the demo checks on its model (`hf_greedy_matches`), on a random tiny chat model:
+    transformers' generate on the exported folder gives lmforge's greedy tokens, stop included."""
+    from lmforge.chat_format import Turn, render_prompt, stop_ids
+    from lmforge.export import hf_greedy_matches
+
+    model = tiny_model(bpe, n_layers=2, dim=48, n_heads=4, n_kv_heads=2)
+    stops = stop_ids(bpe)
+    with torch.no_grad():  # a random model would stop at once (tied rows it reads in the prompt)
+        model.wte.weight[stops] = 0.0
+    export_hf(model, bpe, tmp_path / "hf", sft=True)
+    questions = ["Who had the ball?", "Where did the dog go?", "Was Lily happy?", "Why?", "Ben"]
+    prompts = [render_prompt([Turn("user", q)], bpe) for q in questions]
+    same, differ = hf_greedy_matches(tmp_path / "hf", model, prompts, 12, stops)
+    assert (same, differ) == (5, [])
+    answers = {tuple(ids) for ids in model.generate(prompts, 12, temperature=0.0,
+                                                    stop_tokens=stops)}  # fmt: skip
+    assert len(answers) >= 3, "a random model should answer these differently"
+    # A model that is not the exported one differs: the check can fail.
+    other = tiny_model(bpe, seed=1, n_layers=2, dim=48, n_heads=4, n_kv_heads=2)
+    with torch.no_grad():
+        other.wte.weight[stops] = 0.0
+    same_other, _ = hf_greedy_matches(tmp_path / "hf", other, prompts, 12, stops)
+    assert same_other < 5
+
+
 def test_transformers_llama_folder_imports_with_equal_logits(tmp_path):
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(

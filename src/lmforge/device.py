@@ -118,7 +118,7 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -142,7 +142,7 @@ def cpu_peak_flops(dtype: str = "fp32", remeasure: bool = False) -> float:
     import time
 
     kind = "bf16" if dtype in ("bf16", "fp16") else "fp32"
-    key = f"{_cpu_model()} | threads {torch.get_num_threads()} | torch {torch.__version__} | {kind}"
+    key = f"{cpu_model()} | threads {torch.get_num_threads()} | torch {torch.__version__} | {kind}"
     cache_dir = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     path = os.path.join(cache_dir, "lmforge", "cpu_peak.json")
     try:

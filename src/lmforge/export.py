@@ -623,7 +623,7 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
 
 
 def _staging_folder(out: Path) -> Path:
-    """A new folder beside `out` to build the export in, named `.OUT.tmp-PID-XXXX` like every
+    """A new folder beside `out` to build the export in, named `.OUT.tmp-PID-<random>` like every
     temporary of lmforge's; those that killed exports left there are removed first."""
     from lmforge.files import remove_stale_temporaries
 

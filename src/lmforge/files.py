@@ -21,7 +21,7 @@ from typing import IO, Any
 from lmforge.errors import UserError
 
 TEMP_SUFFIX = ".tmp-"
-# ".NAME.tmp-PID" (files) and ".NAME.tmp-PID-XXXX" (staging folders of prepare/export).
+# ".NAME.tmp-PID" (files) and ".NAME.tmp-PID-<random>" (staging folders of prepare/export).
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-\w+)?$")
 
 # What a user can do about each errno a write may hit.

@@ -1,11 +1,17 @@
 """The model: exact parameter counts, equal logits to Hugging Face, chunked loss, generation."""
 
+import shutil
+
 import pytest
 import torch
 
 from lmforge.config import ModelConfig, model_config
 from lmforge.info import count_parameters, flops_per_token
-from lmforge.loss import chunked_cross_entropy, plain_cross_entropy
+from lmforge.loss import (
+    chunked_cross_entropy,
+    plain_cross_entropy,
+    traceable_chunked_cross_entropy,
+)
 from lmforge.model import Transformer
 
 
@@ -154,22 +160,60 @@ def test_gpt2_logits_equal_hugging_face():
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 4096])
-def test_chunked_loss_equals_plain_with_ignored_positions(chunk):
+@pytest.mark.parametrize(
+    "loss_fn",
+    [chunked_cross_entropy, traceable_chunked_cross_entropy],
+    ids=["eager", "traceable"],
+)
+def test_chunked_loss_equals_plain_with_ignored_positions(chunk, loss_fn):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(5, 13, 16, generator=g, requires_grad=True)
     weight = torch.randn(50, 16, generator=g, requires_grad=True)
-    targets = torch.randint(0, 50, (5, 13), generator=g)
+    targets = torch.randint(0, 45, (5, 13), generator=g)
     targets[0, :4] = -100
     targets[3, 7:] = -100
     for reduction in ("mean", "sum"):
-        plain = plain_cross_entropy(hidden, weight, targets, reduction=reduction)
-        gh, gw = torch.autograd.grad(plain, (hidden, weight))
-        chunked = chunked_cross_entropy(
-            hidden, weight, targets, chunk_size=chunk, reduction=reduction
+        # vocab_limit 45: rows 45..49 are padding; the reference has no such rows at all.
+        for vocab_limit in (None, 45):
+            plain = plain_cross_entropy(hidden, weight[:vocab_limit], targets, reduction=reduction)
+            gh, gw = torch.autograd.grad(plain, (hidden, weight))
+            chunked = loss_fn(
+                hidden,
+                weight,
+                targets,
+                chunk_size=chunk,
+                reduction=reduction,
+                vocab_limit=vocab_limit,
+            )
+            ch, cw = torch.autograd.grad(chunked * 1.0, (hidden, weight))
+            assert torch.allclose(chunked, plain, atol=1e-5)
+            assert torch.allclose(ch, gh, atol=1e-5) and torch.allclose(cw, gw, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("g++"), reason="inductor on a CPU needs a C++ compiler")
+def test_compiled_chunked_loss_gives_the_eager_gradients():
+    """torch.compile traces the loss whole (fullgraph: no graph break at the head), and its
+    gradients are eager's, not zeros: what the old autograd.Function gave compiled on CUDA."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 21, 16, generator=g, requires_grad=True)
+    weight = torch.randn(64, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 60, (3, 21), generator=g)
+    targets[1, :5] = -100
+
+    def head(hidden, weight, targets):  # an op before the loss, as the model's final norm
+        return chunked_cross_entropy(
+            torch.tanh(hidden), weight, targets, chunk_size=16, vocab_limit=60
         )
-        ch, cw = torch.autograd.grad(chunked * 1.0, (hidden, weight))
-        assert torch.allclose(chunked, plain, atol=1e-5)
-        assert torch.allclose(ch, gh, atol=1e-5) and torch.allclose(cw, gw, atol=1e-5)
+
+    eager_loss = head(hidden, weight, targets)
+    eager = torch.autograd.grad(eager_loss, (hidden, weight))
+    compiled_loss = torch.compile(head, backend="inductor", fullgraph=True)(hidden, weight, targets)
+    compiled = torch.autograd.grad(compiled_loss, (hidden, weight))
+    assert torch.allclose(compiled_loss, eager_loss, atol=1e-5)
+    for got, expected in zip(compiled, eager, strict=True):
+        assert got.abs().sum() > 0
+        assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_model_loss_matches_logits_cross_entropy():

@@ -4,12 +4,14 @@ At batch 32 x 1024 with 50,257 classes the logits alone are 6.5 GB in fp32, and 
 (and their softmax) for backward. Here the head and the loss run over chunks of tokens: each chunk's
 logits are computed, turned into its loss and its gradients at once, and freed, so peak memory holds
 one chunk of logits. The gradients are exact (same formula as autograd's), stored for backward.
+
+Two implementations of the same formula; `chunked_cross_entropy` picks one:
+* eager (`_ChunkedLinearCrossEntropy`, an autograd.Function): the fastest when nothing compiles.
+* traceable (`traceable_chunked_cross_entropy`, plain tensor ops): what runs while torch.compile
+  traces the model, so the head is compiled and fused with the blocks instead of breaking the graph.
 """
 
 from __future__ import annotations
-
-import functools
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -83,30 +85,100 @@ def chunked_cross_entropy(
     non-ignored tokens across micro-batches (instruction tuning). `vocab_limit` masks the padded
     vocabulary rows beyond it. Same loss and gradients as `plain_cross_entropy`.
 
-    Kept out of torch.compile: its gradients are computed in forward, and once compiled on CUDA
-    (torch 2.11, inductor) `ctx.needs_input_grad` read False there, so backward returned zeros
-    and nothing trained. Eager costs one graph break at the head; the blocks stay compiled. The
-    guard is made only once torch's compiler is loaded (`import torch._dynamo` costs 2.4 s of a
-    CPU start, and nothing can be compiling before it is).
+    While torch.compile traces the caller, this is `traceable_chunked_cross_entropy`; otherwise
+    the autograd.Function. The Function is never traced: compiled on CUDA (torch 2.11, inductor)
+    its `ctx.needs_input_grad` read False in forward, so backward returned zeros and nothing
+    trained. (`torch.compiler.is_compiling` needs no `import torch._dynamo`, which costs 2.4 s
+    of a CPU start.)
     """
-    if "torch._dynamo" in sys.modules:
-        return _outside_compile()(hidden, weight, targets, chunk_size, ignore_index, reduction,
-                                  vocab_limit)  # fmt: skip
-    return _chunked(hidden, weight, targets, chunk_size, ignore_index, reduction, vocab_limit)
-
-
-@functools.cache
-def _outside_compile():
-    return torch.compiler.disable(_chunked)
-
-
-def _chunked(hidden, weight, targets, chunk_size, ignore_index, reduction, vocab_limit):
+    if torch.compiler.is_compiling():
+        return traceable_chunked_cross_entropy(
+            hidden, weight, targets, chunk_size, ignore_index, reduction, vocab_limit
+        )
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     chunk_size = chunk_size or default_chunk_tokens(weight.shape[0])
     total = _ChunkedLinearCrossEntropy.apply(
         hidden, weight, targets, chunk_size, ignore_index, vocab_limit
     )
+    return _reduce(total, targets, ignore_index, reduction)
+
+
+def traceable_chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    vocab_limit: int | None = None,
+) -> torch.Tensor:
+    """`chunked_cross_entropy` in ops that torch.compile traces and fuses (what it runs there).
+
+    The same forward as the eager Function: per chunk, the logits, the loss, and at once the
+    gradients (softmax - onehot) @ w and (softmax - onehot).T @ h, on detached tensors, so that
+    one chunk of logits is alive at a time and nothing of them is kept for backward. The
+    gradients then reach autograd through `_with_gradient`: a term whose value is exactly 0 and
+    whose derivative is the gradient computed here. No custom autograd.Function, so nothing
+    depends on how the compiler fills its `ctx`.
+
+    Why not `checkpoint` around each chunk's ordinary loss: the head would be computed twice
+    (forward, then again in backward), 4 matmuls of the size of the head against 3 here, and
+    checkpoint in an unrolled loop leaves to the compiler's partitioner whether only one chunk
+    of logits is alive; here the program says so.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+    targets = targets.reshape(-1)  # (N,)
+    chunk_size = chunk_size or default_chunk_tokens(weight.shape[0])
+    grad_on = torch.is_grad_enabled()
+    want_hidden, want_weight = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    compute_dtype = hidden.dtype
+    h_all, w = hidden.detach(), weight.detach().to(compute_dtype)
+    columns = torch.arange(weight.shape[0], device=hidden.device)  # (V,)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden_chunks: list[torch.Tensor] = []
+    grad_weight: torch.Tensor | None = None
+    for start in range(0, hidden.shape[0], chunk_size):
+        h = h_all[start : start + chunk_size]
+        t = targets[start : start + chunk_size]
+        logits = (h @ w.t()).float()  # (n, V): the only big tensor, one chunk at a time
+        if vocab_limit is not None and vocab_limit < logits.shape[1]:
+            logits = logits.masked_fill(columns >= vocab_limit, float("-inf"))
+        valid = t != ignore_index
+        safe_t = torch.where(valid, t, torch.zeros_like(t))
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+        total = total + ((lse - picked) * valid).sum()
+        if not (want_hidden or want_weight):
+            continue
+        # d(loss)/d(logits) = softmax - onehot, zero on ignored rows; one elementwise kernel.
+        probs = torch.exp(logits - lse[:, None])
+        is_target = columns == safe_t[:, None]  # (n, V)
+        grad_logits = torch.where(is_target, probs - 1.0, probs) * valid[:, None]
+        if want_hidden:
+            grad_hidden_chunks.append(grad_logits.to(compute_dtype) @ w)
+        if want_weight:
+            part = grad_logits.t() @ h.float()  # bf16 under autocast: summed in fp32
+            grad_weight = part.float() if grad_weight is None else grad_weight + part
+    if grad_hidden_chunks:
+        total = _with_gradient(total, hidden, torch.cat(grad_hidden_chunks))
+    if grad_weight is not None:
+        total = _with_gradient(total, weight, grad_weight)
+    return _reduce(total, targets, ignore_index, reduction)
+
+
+def _with_gradient(value: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """`value`, unchanged, plus d(value)/dx = grad (times whatever gradient arrives at value).
+
+    `s - s.detach()` is exactly 0 in forward and has s's derivative, grad, in backward. s is
+    summed in fp32, where a bf16 sum could overflow to inf and turn the 0 into NaN."""
+    s = (x.float() * grad.float()).sum()
+    return value + (s - s.detach())
+
+
+def _reduce(
+    total: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str
+) -> torch.Tensor:
     if reduction == "sum":
         return total
     count = (targets != ignore_index).sum().clamp(min=1)

@@ -55,7 +55,8 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache
 
-# llama.cpp as the real client of our GGUF export (compiles llama.cpp: ~13 min on 2 cores).
+# llama.cpp as the real client of our GGUF export (compiles llama.cpp: ~7-13 min on 2 cores, once;
+# pip keeps the wheel). After `make demo` it also checks the demo's GGUF answers like lmforge.
 # Not part of `make test`; the GGUF test skips cleanly without it.
 llama-cpp: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \

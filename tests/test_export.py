@@ -550,3 +550,40 @@ def test_init_from_refuses_what_it_cannot_map(tmp_path, char_data):
     export_hf(tiny_model(byte, **SHAPE), byte, tmp_path / "bytes")
     with pytest.raises(UserError, match="not the same vocabulary"):
         _phase(char_data, f"--train.init_from={tmp_path / 'bytes'}")
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_the_demo_questions_like_lmforge():
+    """After `make demo`: llama.cpp runs the demo's GGUF (`demo_out/export/model.gguf`, or the
+    folder in LMFORGE_DEMO_OUT) and its greedy answers to the held-out story questions equal
+    lmforge's own, prompt ids built by lmforge's chat template. Skips where no demo has run (CI)."""
+    import os
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from lmforge.chat_format import render_prompt, stop_ids
+    from lmforge.data.instruct import load_sources
+    from lmforge.generate import load_for_generation
+
+    out = Path(os.environ.get("LMFORGE_DEMO_OUT", Path(__file__).parents[1] / "demo_out"))
+    gguf, run, qa = out / "export" / "model.gguf", out / "sft", out / "stories" / "qa_val.jsonl"
+    if not (gguf.is_file() and run.is_dir() and qa.is_file()):
+        pytest.skip(f"no demo output in {out} (run `make demo` first)")
+    loaded = load_for_generation(str(run), "cpu")
+    stops = stop_ids(loaded.tokenizer)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=loaded.context, verbose=False, seed=0)
+    conversations = load_sources(f"stories-qa:{qa}")[:50]
+    same = 0
+    for conversation in conversations:
+        prompt = render_prompt(conversation[:-1], loaded.tokenizer)[-(loaded.context - 32) :]
+        mine = loaded.model.generate([prompt], 32, temperature=0.0, stop_tokens=stops,
+                                     vocab_limit=loaded.vocab_limit)[0]  # fmt: skip
+        llm.reset()
+        theirs = []
+        for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            if token in stops or len(theirs) == 32:
+                break
+            theirs.append(token)
+        same += theirs == mine
+    print(f"llama.cpp's greedy answers equal lmforge's on {same} of {len(conversations)} "
+          f"held-out questions ({gguf})")  # fmt: skip
+    assert same == len(conversations)

@@ -1,9 +1,10 @@
 """`make demo`: the whole pipeline on the built-in story corpus, offline, on a laptop CPU.
 
 prepare the stories -> pretrain `tiny` -> story Q&A accuracy before SFT -> SFT on the story Q&A ->
-accuracy after -> a short scripted chat -> report. Each stage is the same `lmforge` command a user
-would type (printed before it runs), so the demo doubles as a tour of the CLI. It lives beside the
-package, not in it: it reads the checkout's configs/.
+accuracy after -> a short scripted chat -> export to Hugging Face and GGUF -> transformers' answers
+against lmforge's -> reports. Each stage is the same `lmforge` command a user would type (printed
+before it runs), so the demo doubles as a tour of the CLI. It lives beside the package, not in it:
+it reads the checkout's configs/.
 
     python scripts/demo.py --out demo_out
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from lmforge.cli import main as lmforge
 
 ROOT = Path(__file__).resolve().parents[1]
+QUIZ = 3  # quiz lines after each story (README, "The demo's recipe": 2 to 4 were tried)
 
 
 def run(*args: str) -> None:
@@ -67,9 +69,6 @@ SMOKE_TRAIN = [
 ]
 SMOKE_SFT = ["--train.max_steps=20", "--train.eval_every=5", "--train.save_every=10",
              "--optim.lr=3e-3", "--schedule.warmup_steps=5", "--sft.weights=0.02"]  # fmt: skip
-# --exportable: a standard Llama block (no canon layers) on the byte tokenizer, which Hugging Face
-# and GGUF both carry. It answers less well within the demo's time (README, "The demo's recipe").
-EXPORTABLE_TRAIN = ["--model.canon=0"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,21 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_out", help="folder for data, runs and exports")
     parser.add_argument("--size-mb", type=float, default=4.0, help="built-in corpus size")
     parser.add_argument(
-        "--exportable",
-        action="store_true",
-        help="train a model that exports to Hugging Face and GGUF (byte "
-        "tokenizer, no canon layers), export it and check it in transformers",
-    )
-    parser.add_argument(
         "--tokenizer",
-        default=None,
-        help="prepare's tokenizer (default: char, or byte with --exportable)",
+        default="byte",
+        help="prepare's tokenizer (default: byte, which Hugging Face and GGUF both carry)",
     )
     parser.add_argument(
-        "--quiz",
-        type=int,
-        default=None,
-        help="quiz lines after each story (prepare --quiz; default 2, or 4 with --exportable)",
+        "--quiz", type=int, default=QUIZ, help="quiz lines after each story (prepare --quiz)"
     )
     parser.add_argument("--questions", type=int, default=300, help="held-out questions to ask")
     parser.add_argument(
@@ -104,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the same pipeline at a tiny size, in seconds (the test of the demo)",
     )
     args = parser.parse_args(argv)
-    exportable = args.exportable or args.smoke
-    tokenizer = args.tokenizer or ("byte" if exportable else "char")
-    quiz = args.quiz if args.quiz is not None else (4 if exportable else 2)
+    tokenizer, quiz = args.tokenizer, args.quiz
     start = time.time()
     out = Path(args.out)
     data, pre, sft, export = out / "stories", out / "pretrain", out / "sft", out / "export"
@@ -128,15 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\n(reusing the prepared corpus in {data})")
     run("train", config_path("tiny-cpu.yaml"), f"--data.dir={data}", f"--run.dir={pre}",
-        *precision, *(EXPORTABLE_TRAIN if exportable else []),
-        *(SMOKE_TRAIN if args.smoke else []))  # fmt: skip
+        *precision, *(SMOKE_TRAIN if args.smoke else []))  # fmt: skip
     before = evaluate(pre, data, "before SFT", questions)
     run("sft", config_path("tiny-sft.yaml"), "--init-from", str(pre),
         f"--sft.data=stories-qa:{data / 'qa_train.jsonl'}", f"--run.dir={sft}",
         *precision, *(SMOKE_SFT if args.smoke else []))  # fmt: skip
     after = evaluate(sft, data, "after SFT", questions)
     chat(sft, data)
-    checked = export_and_check(sft, data, export, questions) if exportable else None
+    checked = export_and_check(sft, data, export, questions)
     summary(out, data, pre, sft, export, before, after, checked, time.time() - start)
     return 0
 
@@ -148,7 +135,7 @@ def _prepared_with(data: Path) -> tuple[str, float, int] | None:
 
 
 def summary(out: Path, data: Path, pre: Path, sft: Path, export: Path, before: dict,
-            after: dict, checked: tuple[int, int] | None, wall: float) -> None:  # fmt: skip
+            after: dict, checked: tuple[int, int], wall: float) -> None:  # fmt: skip
     meta = json.loads((data / "meta.json").read_text())
     floor = meta.get("entropy_floor_nats_per_token")
     best = best_val_loss(pre)
@@ -167,23 +154,12 @@ def summary(out: Path, data: Path, pre: Path, sft: Path, export: Path, before: d
     if kinds:
         print("  by kind of question: " + ", ".join(
             f"{k} {v['accuracy']:.0f} %" for k, v in kinds.items()))  # fmt: skip
-    if checked is None:
-        print(
-            "not exported: this model has canon layers, which Hugging Face and GGUF have no "
-            "place for; `python scripts/demo.py --exportable` trains one that exports"
-        )
-    else:
-        same, total = checked
-        print(f"exported model: {export / 'hf'} (Hugging Face) and {export / 'model.gguf'} (GGUF)")
-        print(
-            f"  transformers' greedy answers equal lmforge's on {same} of {total} held-out "
-            "questions"
-        )
-        print(f"  chat with it in llama.cpp:  llama-cli -m {export / 'model.gguf'} -cnv --jinja")
-        print(
-            f"  or in Ollama:  printf 'FROM ./model.gguf\\n' > {export}/Modelfile && ollama "
-            f"create lmforge-demo -f {export}/Modelfile && ollama run lmforge-demo"
-        )
+    same, total = checked
+    print(f"exported model: {export / 'hf'} (Hugging Face) and {export / 'model.gguf'} (GGUF)")
+    print(f"  transformers' greedy answers equal lmforge's on {same} of {total} held-out questions")
+    print(f"  chat with it in llama.cpp:  llama-cli -m {export / 'model.gguf'} -cnv --jinja")
+    print(f"  or in Ollama:  ollama create lmforge-demo -f {export / 'Modelfile'} && "
+          "ollama run lmforge-demo")  # fmt: skip
     print(f"reports: {pre / 'training_plots'}  and  {sft / 'training_plots'}")
     print(f"wall time: {wall / 60:.1f} min")
 
@@ -194,13 +170,14 @@ def export_and_check(sft: Path, data: Path, export: Path, questions: int) -> tup
     by the exported chat template and by lmforge's render)."""
     from transformers import AutoTokenizer
 
-    from lmforge.chat_format import render_prompt, stop_ids
+    from lmforge.chat_format import OLLAMA_MODELFILE, render_prompt, stop_ids
     from lmforge.data.instruct import load_sources
     from lmforge.export import hf_greedy_matches
     from lmforge.generate import load_for_generation
 
     run("export", str(sft), "--format", "hf", "--out", str(export / "hf"))
     run("export", str(sft), "--format", "gguf", "--out", str(export / "model.gguf"))
+    (export / "Modelfile").write_text("FROM ./model.gguf\n" + OLLAMA_MODELFILE)
     print(f"\n(transformers loads {export / 'hf'}; its greedy answers against lmforge's)")
     loaded = load_for_generation(str(sft), "cpu")
     hf_tokenizer = AutoTokenizer.from_pretrained(str(export / "hf"))

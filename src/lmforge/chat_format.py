@@ -129,3 +129,13 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
+
+# The same template as an Ollama Modelfile (Go template; Ollama does not run Jinja): `FROM` the
+# exported GGUF, then these lines. System messages are left out, as lmforge's models never saw one.
+OLLAMA_MODELFILE = (
+    'TEMPLATE """{{ range .Messages }}{{ if eq .Role "user" }}<|user|>{{ .Content }}<|end|>'
+    '{{ else if eq .Role "assistant" }}<|assistant|>{{ .Content }}<|end|>{{ end }}{{ end }}'
+    '<|assistant|>"""\n'
+    "PARAMETER stop <|end|>\n"
+    "PARAMETER temperature 0\n"
+)

@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="--builtin stories: follow each story with N lines 'question answer' about it, a "
-        "reading quiz that teaches pretraining to look facts up in the story (the demo uses 2; "
+        "reading quiz that teaches pretraining to look facts up in the story (the demo uses 3; "
         "the floor counts the choice of questions; default: %(default)s)",
     )
     parser.add_argument(

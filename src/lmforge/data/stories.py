@@ -41,7 +41,7 @@ determined by the text) and divided by its token count, ``-logprob`` is therefor
 model can reach: the entropy floor that ``meta.json`` records.  Windows that start in the middle of
 a story cannot see its beginning, so real models sit a little above it; none can go below.
 
-The reading quiz (``prepare --builtin stories --quiz N``, the demo uses 2) writes N lines
+The reading quiz (``prepare --builtin stories --quiz N``, the demo uses 3) writes N lines
 "question answer" after each story, drawn from the story's own Q&A pairs; its choice of questions
 is counted in the floor the same way (``add_quiz``, ``parse_document``).  The Q&A files written
 for the instruction phase hold the story alone.

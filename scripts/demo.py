@@ -108,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(previous)
     precision = cpu_precision()
     run("env")
-    run("model-info", config_path("tiny-cpu.yaml"), "--batch", "4")
     if not (data / "meta.json").is_file() or _prepared_with(data) != (tokenizer, size, quiz):
         run("prepare", "--builtin", "stories", "--size-mb", str(size), "--seed", "0",
             "--quiz", str(quiz), "--tokenizer", tokenizer, "--out", str(data),
             "--overwrite")  # fmt: skip
     else:
         print(f"\n(reusing the prepared corpus in {data})")
+    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    run("model-info", config_path("tiny-cpu.yaml"), "--batch", "4", "--vocab-size", str(vocab))
     run("train", config_path("tiny-cpu.yaml"), f"--data.dir={data}", f"--run.dir={pre}",
         *precision, *(SMOKE_TRAIN if args.smoke else []))  # fmt: skip
     before = evaluate(pre, data, "before SFT", questions)
@@ -169,6 +170,7 @@ def export_and_check(sft: Path, data: Path, export: Path, questions: int) -> tup
     compare its greedy answers with lmforge's on the held-out questions (the same prompts, built
     by the exported chat template and by lmforge's render)."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     from lmforge.chat_format import OLLAMA_MODELFILE, render_prompt, stop_ids
     from lmforge.data.instruct import load_sources
@@ -179,6 +181,7 @@ def export_and_check(sft: Path, data: Path, export: Path, questions: int) -> tup
     run("export", str(sft), "--format", "gguf", "--out", str(export / "model.gguf"))
     (export / "Modelfile").write_text("FROM ./model.gguf\n" + OLLAMA_MODELFILE)
     print(f"\n(transformers loads {export / 'hf'}; its greedy answers against lmforge's)")
+    transformers_logging.disable_progress_bar()  # a bar for loading 38 tensors says nothing
     loaded = load_for_generation(str(sft), "cpu")
     hf_tokenizer = AutoTokenizer.from_pretrained(str(export / "hf"))
     conversations = load_sources(f"stories-qa:{data / 'qa_val.jsonl'}")[:questions]

@@ -84,6 +84,7 @@ def test_a_checkpoint_on_a_full_disk(stories, pretrained, tmp_path, disk):
     kept = checksums(run / "checkpoints")
     result = train(stories, run, "--train.max_steps=30", "--train.save_every=5", **extra)
     line = one_error_line(result.stderr)
+    print(f"full disk, checkpoint: {line}")  # what the user sees (-s)
     assert result.returncode == 2 and "could not write checkpoint" in line and disk_message(line)
     assert "earlier checkpoints are intact" in line
     after = checksums(run / "checkpoints")
@@ -102,6 +103,7 @@ def test_a_metrics_row_on_a_full_disk(stories, tmp_path, disk):
         pytest.skip("cannot mount a tmpfs here: the CSV case needs a disk of its own")
     result = train(stories, run, "--train.max_steps=400", "--train.save_every=5")
     line = one_error_line(result.stderr)
+    print(f"full disk, metrics row: {line}")  # what the user sees (-s)
     assert result.returncode == 2 and "/logs/" in line and disk_message(line)
     assert list((run / "checkpoints").glob("step_*.pt"))  # what was saved before is there
     disk.grow(logs, 4096)
@@ -117,9 +119,14 @@ def test_the_report_on_a_full_disk_is_a_warning_after_training(stories, tmp_path
     result = train(stories, run, "--train.max_steps=12")
     assert result.returncode == 0, result.stderr  # training is complete: not a failure
     assert "warning: the report was not written" in result.stdout
+    print(
+        "full disk, report after training:",
+        next(x for x in result.stdout.splitlines() if "report was not written" in x),
+    )
     assert (run / "checkpoints" / "final_model.pt").is_file()
     report = lmforge_subprocess("report", run)
     line = one_error_line(report.stderr)
+    print(f"full disk, lmforge report: {line}")  # what the user sees (-s)
     assert report.returncode == 2 and "training_plots" in line and disk_message(line)
 
 
@@ -132,6 +139,7 @@ def test_config_yaml_on_a_full_disk(stories, tmp_path, disk):
     before = checksums(run)
     result = train(stories, run, "--train.max_steps=5")
     line = one_error_line(result.stderr)
+    print(f"full disk, config.yaml: {line}")  # what the user sees (-s)
     assert result.returncode == 2 and "config.yaml" in line and disk_message(line)
     assert checksums(run) == before  # nothing left behind
 
@@ -143,6 +151,7 @@ def test_prepare_on_a_full_disk(tmp_path, disk):
     result = lmforge_subprocess("prepare", "--builtin", "stories", "--size-mb", "0.3",
                                 "--out", out_parent / "stories", **extra)  # fmt: skip
     line = one_error_line(result.stderr)
+    print(f"full disk, prepare: {line}")  # what the user sees (-s)
     assert result.returncode == 2 and "stories" in line and disk_message(line)
     assert sorted(p.name for p in out_parent.iterdir()) == []  # no half folder, no staging
 
@@ -158,5 +167,6 @@ def test_export_on_a_full_disk(tmp_path, disk):
         result = lmforge_subprocess("export", run, "--format", fmt,
                                     "--out", out_parent / name, **extra)  # fmt: skip
         line = one_error_line(result.stderr)
+        print(f"full disk, export {fmt}: {line}")  # what the user sees (-s)
         assert result.returncode == 2 and name in line and disk_message(line), line
     assert sorted(p.name for p in out_parent.iterdir()) == []

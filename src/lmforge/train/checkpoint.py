@@ -94,13 +94,18 @@ def save_checkpoint(
         tmp.replace(path)
         fsync_dir(path.parent)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        if isinstance(e, OSError):
-            reason = DISK_ERRNOS.get(e.errno or 0) or e.strerror or str(e)
+        known = DISK_ERRNOS.get(e.errno or 0) if isinstance(e, OSError) else None
+        if known:  # says what to do itself
+            reason = known
+        elif isinstance(e, OSError):
+            reason = f"{e.strerror or e}: free disk space or fix permissions, then resume"
         else:  # the zip writer's message; the cause is the disk or a size limit
-            reason = "the write failed (disk full, a file-size limit or no permission)"
+            reason = (
+                "the write failed (disk full, a file-size limit or no permission): free disk "
+                "space or fix permissions, then resume"
+            )
         raise UserError(
-            f"could not write checkpoint {path}: {reason}; earlier checkpoints are intact "
-            "(free disk space or fix permissions, then resume)"
+            f"could not write checkpoint {path}: {reason}; earlier checkpoints are intact"
         ) from None
     finally:
         tmp.unlink(missing_ok=True)  # gone already when the write succeeded

@@ -18,8 +18,9 @@ char` of the two halves of `--input` (default ../shared/data/tinyshakespeare/inp
 2. curves: (a) for 2,000 iterations; (b) `lmforge train` at the same shape and settings; (c) the
    recipe of configs/shakespeare-char.yaml. Each is evaluated every --eval-every steps on about
    the same number of validation tokens (lmforge's fixed val windows; (a) reads the very windows
-   (b) does); the table gives the time to val 2.0 and 1.88: training time (evaluation excluded)
-   and wall time from the start of the run (process start, evaluations and all).
+   (b) does; (c) at its own config's train.eval_every, since an evaluation costs wall time); the
+   table gives the time to val 2.0 and 1.88: training time (evaluation excluded) and wall time
+   from the start of the run (process start, evaluations and all).
 The load average before each part is recorded (and with --max-load the part waits for a quieter
 machine first): an absolute time on shared cores is only as good as the load it was taken under.
 """
@@ -30,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -304,14 +306,21 @@ def baseline_curve(data: Path, vocab: int, args: argparse.Namespace) -> dict[str
 
 
 def lmforge_curve(
-    data: Path, run_dir: Path, cli: list[str], batch_size: int, args: argparse.Namespace
+    data: Path,
+    run_dir: Path,
+    cli: list[str],
+    batch_size: int,
+    args: argparse.Namespace,
+    eval_every: int | None = None,
 ) -> dict[str, Any]:
     """`lmforge train` in a child process; eval lines are time-stamped as they are printed."""
+    eval_every = eval_every or args.eval_every
     eval_batches = max(1, round(args.eval_batches * 12 / batch_size))  # about the same tokens
+    shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own scratch run: every run is new
     cmd = [sys.executable, "-m", "lmforge", "train", *cli, f"--data.dir={data}",
            f"--run.dir={run_dir}", f"--train.threads={args.threads}",
-           f"--train.eval_every={args.eval_every}", f"--train.eval_batches={eval_batches}",
-           f"--log.log_every={args.eval_every}", "--train.sample_every=0",
+           f"--train.eval_every={eval_every}", f"--train.eval_batches={eval_batches}",
+           f"--log.log_every={eval_every}", "--train.sample_every=0",
            "--train.save_every=0", "--train.save_every_minutes=0", "--log.plot_every=0",
            "--log.progress=false", "--train.resume=none"]  # fmt: skip
     start = time.perf_counter()
@@ -356,9 +365,12 @@ def curves(data: Path, vocab: int, args: argparse.Namespace) -> dict[str, Any]:
         if cli is None:
             result = baseline_curve(data, vocab, args)
         else:
-            batch = recipe.train.batch_size if name.startswith("(c)") else 12
+            recipe_run = name.startswith("(c)")
+            batch = recipe.train.batch_size if recipe_run else 12
+            # (c) evaluates at its own config's train.eval_every: an evaluation is wall time
+            every = recipe.train.eval_every if recipe_run and recipe.train.eval_every else None
             slug = name.split(") ")[1].replace(" ", "-")
-            result = lmforge_curve(data, out / slug, cli, batch, args)
+            result = lmforge_curve(data, out / slug, cli, batch, args, every)
         result["load_before"] = quiet
         result["load_after"] = load_average()
         result["reached"] = crossings(result["curve"])
@@ -367,8 +379,9 @@ def curves(data: Path, vocab: int, args: argparse.Namespace) -> dict[str, Any]:
             print(f"  step {point['step']:>5}  val {point['val_loss']:.4f}  "
                   f"train {point['train_s']:7.1f} s  wall {point['wall_s']:7.1f} s")  # fmt: skip
     print(
-        f"\ncurves: eval every {args.eval_every} steps, ~{args.eval_batches * 12 * 64:,} val "
-        f"tokens each, threads {args.threads}; time = training (wall incl. start and evals)"
+        f"\ncurves: eval every {args.eval_every} steps ((c): its config's train.eval_every), "
+        f"~{args.eval_batches * 12 * 64:,} val tokens each, threads {args.threads}; "
+        "time = training (wall incl. start and evals)"
     )
     print(f"{'run':<20}{'tok/s':>9}{'to val 2.0':>22}{'to val 1.88':>22}{'final val':>11}"
           f"{'load':>6}")  # fmt: skip

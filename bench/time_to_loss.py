@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=4.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "runs"))
     parser.add_argument("--optimizers", default="adamw,muon")
-    parser.add_argument("--quiz", type=int, default=4, help="quiz lines per story, as make demo")
+    parser.add_argument("--quiz", type=int, default=3, help="quiz lines per story, as make demo")
     parser.add_argument("--tokenizer", default="byte", help="as make demo")
     args = parser.parse_args()
     out = Path(args.out)
@@ -73,6 +74,7 @@ def main() -> None:
     results = {}
     for name in args.optimizers.split(","):
         run = out / f"tiny-{name}"
+        shutil.rmtree(run, ignore_errors=True)  # the bench's own scratch run: every run is new
         start = time.time()
         status = lmforge(
             [

@@ -555,8 +555,9 @@ def test_init_from_refuses_what_it_cannot_map(tmp_path, char_data):
 @pytest.mark.slow
 def test_llama_cpp_answers_the_demo_questions_like_lmforge():
     """After `make demo`: llama.cpp runs the demo's GGUF (`demo_out/export/model.gguf`, or the
-    folder in LMFORGE_DEMO_OUT) and its greedy answers to the held-out story questions equal
-    lmforge's own, prompt ids built by lmforge's chat template. Skips where no demo has run (CI)."""
+    folder in LMFORGE_DEMO_OUT), and its greedy answers to the 300 held-out story questions the
+    demo evaluates equal lmforge's own, the prompt ids built by lmforge's chat template. Skips
+    where no demo has run (CI)."""
     import os
 
     llama_cpp = pytest.importorskip("llama_cpp")
@@ -571,7 +572,7 @@ def test_llama_cpp_answers_the_demo_questions_like_lmforge():
     loaded = load_for_generation(str(run), "cpu")
     stops = stop_ids(loaded.tokenizer)
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=loaded.context, verbose=False, seed=0)
-    conversations = load_sources(f"stories-qa:{qa}")[:50]
+    conversations = load_sources(f"stories-qa:{qa}")[:300]  # the demo's eval asks these
     same = 0
     for conversation in conversations:
         prompt = render_prompt(conversation[:-1], loaded.tokenizer)[-(loaded.context - 32) :]

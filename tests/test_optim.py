@@ -1,5 +1,6 @@
 """The optimizer of a run: AdamW decays matrices only; Muon takes the 2-D hidden weights and
-AdamW the rest; a Muon run saves and resumes to the same weights as an uninterrupted one."""
+AdamW the rest; lmforge's batched Muon steps exactly as torch's; a Muon run saves and resumes to the
+same weights as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from lmforge.config import ModelConfig, OptimConfig
 from lmforge.model import Transformer
-from lmforge.train.optim import build_optimizer
+from lmforge.train.optim import BatchedMuon, build_optimizer
 from lmforge.train.trainer import Batches, Trainer, TrainSettings
 
 
@@ -30,6 +31,33 @@ def test_adamw_decays_matrices_only():
     assert all(p.dim() >= 2 for p in decay["params"])
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["params"]
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_steps_exactly_as_torch_muon(nesterov):
+    """Square, tall, wide and odd shapes, decay and the AdamW-matched rate: after 8 steps on the
+    same gradients, the weights and momentum buffers equal torch.optim.Muon's bit for bit, and
+    its state loads into torch's optimizer (checkpoints move between the two)."""
+    torch.manual_seed(0)
+    shapes = [(24, 24)] * 3 + [(64, 24), (64, 24), (24, 64), (10, 30), (30, 10), (7, 7)]
+    ours = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=0.1,
+              adjust_lr_fn="match_rms_adamw")  # fmt: skip
+    a, b = BatchedMuon(ours, **kw), torch.optim.Muon(theirs, **kw)
+    start = [p.detach().clone() for p in ours]
+    for _ in range(8):
+        for p, q in zip(ours, theirs, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+    assert all((p - p0).abs().max() > 1e-3 for p, p0 in zip(ours, start, strict=True))
+    moved = torch.optim.Muon([torch.nn.Parameter(q.detach().clone()) for q in theirs], **kw)
+    moved.load_state_dict(a.state_dict())
+    buffers = [moved.state[p]["momentum_buffer"] for p in moved.param_groups[0]["params"]]
+    assert all(torch.equal(x, b.state[q]["momentum_buffer"]) for x, q in zip(buffers, theirs))
 
 
 def test_muon_takes_hidden_matrices_adamw_the_rest():

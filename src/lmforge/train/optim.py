@@ -1,10 +1,10 @@
 """The optimizer of a run, built in one place from `OptimConfig`.
 
-AdamW with weight decay on matrices only (nanoGPT's grouping by tensor rank), fused on CUDA; or
-Muon (`torch.optim.Muon`'s algorithm, its matrices orthogonalised in batches: `BatchedMuon`) for
-the 2-D hidden weights plus AdamW for embeddings, head, norms and canon filters. Each param group
-carries `lr_scale`: the schedule sets `lr = lr_at(step) * lr_scale`, so Muon's own rate follows
-the same warmup and decay.
+AdamW with weight decay on matrices only (nanoGPT's grouping by tensor rank), fused on CUDA and
+CPU; or Muon (`torch.optim.Muon`'s algorithm, its matrices orthogonalised in batches:
+`BatchedMuon`) for the 2-D hidden weights plus AdamW for embeddings, head, norms and canon
+filters. Each param group carries `lr_scale`: the schedule sets `lr = lr_at(step) * lr_scale`, so
+Muon's own rate follows the same warmup and decay.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def build_optimizer(
     """The run's optimizers (one, or AdamW + Muon) over the model's trainable parameters."""
     o = optim or OptimConfig()
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device is not None and device.type == "cuda"
+    # Fused AdamW: one kernel a tensor instead of a dozen. On a CPU too (nanoGPT fuses on CUDA
+    # only): at nanoGPT's shape the step is 0.9 ms fused against 5.0 ms, a tenth of a training step.
+    fused = device is not None and device.type in ("cuda", "cpu")
     if o.name != "muon":
         return [_adamw(params, o, fused)]
     not_matrices = {  # tables, and canon layers' per-channel filters: 2-D but no matrices

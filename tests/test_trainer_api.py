@@ -393,3 +393,21 @@ def test_save_every_epoch_writes_checkpoints(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == sorted(
         [f"step_{per_epoch}.pt", f"step_{2 * per_epoch}.pt"]
     )
+
+
+@pytest.mark.parametrize("schedule, stops_at", [("cosine", 15), ("wsd", 40)])
+def test_early_stopping_waits_for_a_wsd_decay(schedule, stops_at, monkeypatch):
+    """The val loss never improves after the first evaluation (every 5 steps, patience 2). With a
+    cosine schedule training stops at step 15; with wsd, whose rate is held at its peak until step
+    30 of 60, evaluations up to then do not count, and it stops at step 40, inside the decay."""
+    from lmforge.train.trainer import TrainSettings
+
+    train, val, tok = loaders(val=True)
+    settings = TrainSettings.for_api(schedule=schedule, max_steps=60, wsd_decay_fraction=0.5,
+                                     eval_every=5, patience=2, lr=1e-3)  # fmt: skip
+    trainer = Trainer(tiny_model(tok), train, val, device="cpu", settings=settings)
+    losses = iter(3.0 + 0.01 * i for i in range(100))  # worse at every evaluation
+    monkeypatch.setattr(trainer, "validate", lambda: {"loss": next(losses), "perplexity": 1.0})
+    trainer.train()
+    assert trainer.global_step == stops_at
+    assert trainer.stop_reason.startswith("early stopping")

@@ -166,7 +166,11 @@ class TrainConfig:
     keep_last: int = opt(5, "step checkpoints to keep (best.pt and final_model.pt are extra)")
     eval_every: int = opt(250, "validation every N steps (0 = only at the end)")
     eval_batches: int = opt(20, "fixed validation batches per evaluation")
-    patience: int = opt(0, "early stopping: evaluations without improvement (0 = off)")
+    patience: int = opt(
+        0,
+        "early stopping: evaluations without improvement (0 = off; with a wsd schedule only "
+        "those of its decay count)",
+    )
     min_delta: float = opt(0.001, "early stopping: smallest val-loss drop that counts")
     sample_every: int = opt(500, "generate samples every N steps (0 = off)")
     sample_prompts: list = opt(
@@ -237,7 +241,9 @@ class SFTConfig:
     data: str = opt("", "files/folders, comma-separated, FORMAT:PATH to force a format")
     weights: str = opt("", "mixture weights, comma-separated, one per source")
     val_fraction: float = opt(0.05, "fraction of conversations held out for validation")
-    patience: int = opt(2, "early stopping: evaluations without improvement")
+    patience: int = opt(
+        2, "early stopping: evaluations without improvement (wsd: only those of its decay count)"
+    )
     min_delta: float = opt(0.001, "early stopping: smallest val-loss drop that counts")
     max_epochs: int = opt(2, "passes over the instruction data")
     pack: bool = opt(False, "pack several examples per row (no cross-example attention)")

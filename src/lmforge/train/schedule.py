@@ -33,9 +33,14 @@ def lr_at(
         progress = (step - warmup_steps) / (end - warmup_steps)
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
     if kind == "wsd":
-        decay_start = max(warmup_steps, int(max_steps * (1 - wsd_decay_fraction)))
+        decay_start = wsd_decay_start(warmup_steps, max_steps, wsd_decay_fraction)
         if step < decay_start:
             return lr
         progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
         return lr + progress * (min_lr - lr)
     raise ValueError(f"unknown schedule kind {kind!r}")
+
+
+def wsd_decay_start(warmup_steps: int, max_steps: int, wsd_decay_fraction: float) -> int:
+    """The first step of a wsd schedule's decay: the rate is held at its peak until then."""
+    return max(warmup_steps, int(max_steps * (1 - wsd_decay_fraction)))

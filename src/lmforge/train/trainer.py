@@ -38,7 +38,7 @@ from lmforge.model import Transformer
 from lmforge.monitor.metrics import MetricsRow, mfu
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.optim import build_optimizer
-from lmforge.train.schedule import lr_at
+from lmforge.train.schedule import lr_at, wsd_decay_start
 from lmforge.train.signals import GracefulStop
 
 
@@ -938,7 +938,17 @@ class Trainer:
             self.best_val_loss = loss
             line += " | new best"
             self.save_weights(self.checkpoint_dir / "best.pt", {"val_loss": loss})
-        self.evals_without_improvement = 0 if improved else self.evals_without_improvement + 1
+        # At a wsd schedule's held peak rate the val loss is noisy and falls mostly in the decay:
+        # evaluations before the decay do not count towards early stopping (a run stopped there
+        # never gets its decay: the demo's SFT on twice its data stopped at step 500 of 650, 87 %
+        # of its story questions right against 97 % when it ran to the end).
+        held = self.settings.schedule == "wsd" and step <= wsd_decay_start(
+            self.settings.warmup_steps, self.max_steps, self.settings.wsd_decay_fraction
+        )
+        if improved or held:
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
         self.log(line)
         if s.patience and self.evals_without_improvement >= s.patience:
             self.stop_reason = (

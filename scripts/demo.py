@@ -24,6 +24,11 @@ from lmforge.cli import main as lmforge
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIZ = 3  # quiz lines after each story (README, "The demo's recipe": 2 to 4 were tried)
+# The kinds of question whose answer is a phrase sharing its first word with others ("played tag"
+# and "played catch", "near the lake" and "near the gate"): the pretrained model copies the first
+# word and guesses the rest. SFT asks them twice as often: a second source of the same training
+# stories' questions of these kinds at the same weight (README, "The demo's recipe").
+PHRASE_QUESTIONS = ("What did they do at the end?", "Where did they look first?")
 
 
 def run(*args: str) -> None:
@@ -68,7 +73,7 @@ SMOKE_TRAIN = [
     "--train.warmup_passes=0",
 ]
 SMOKE_SFT = ["--train.max_steps=20", "--train.eval_every=5", "--train.save_every=10",
-             "--optim.lr=3e-3", "--schedule.warmup_steps=5", "--sft.weights=0.02"]  # fmt: skip
+             "--optim.lr=3e-3", "--schedule.warmup_steps=5", "--sft.weights=0.02,0.02"]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,14 +124,28 @@ def main(argv: list[str] | None = None) -> int:
     run("train", config_path("tiny-cpu.yaml"), f"--data.dir={data}", f"--run.dir={pre}",
         *precision, *(SMOKE_TRAIN if args.smoke else []))  # fmt: skip
     before = evaluate(pre, data, "before SFT", questions)
+    phrases = phrase_questions(data)
     run("sft", config_path("tiny-sft.yaml"), "--init-from", str(pre),
-        f"--sft.data=stories-qa:{data / 'qa_train.jsonl'}", f"--run.dir={sft}",
+        f"--sft.data=stories-qa:{data / 'qa_train.jsonl'},stories-qa:{phrases}",
+        "--sft.weights=0.1,0.1", f"--run.dir={sft}",
         *precision, *(SMOKE_SFT if args.smoke else []))  # fmt: skip
     after = evaluate(sft, data, "after SFT", questions)
     chat(sft, data)
     checked = export_and_check(sft, data, export, questions)
     summary(out, data, pre, sft, export, before, after, checked, time.time() - start)
     return 0
+
+
+def phrase_questions(data: Path) -> Path:
+    """qa_train_phrases.jsonl: the training stories' questions of PHRASE_QUESTIONS' kinds."""
+    path = data / "qa_train_phrases.jsonl"
+    print(f"\n(writing {path}: the training questions {' and '.join(PHRASE_QUESTIONS)})")
+    with (
+        open(data / "qa_train.jsonl", encoding="utf-8") as src,
+        open(path, "w", encoding="utf-8") as out,
+    ):
+        out.writelines(line for line in src if json.loads(line)["question"] in PHRASE_QUESTIONS)
+    return path
 
 
 def _prepared_with(data: Path) -> tuple[str, float, int] | None:

@@ -86,9 +86,11 @@ def ask(driver, question: str):
     while time.monotonic() < deadline:
         bubbles = answers(driver)
         if len(bubbles) > n:
-            text = bubbles[-1].find_element(By.CLASS_NAME, "text").text
-            seen.append(len(text))
-            if bubbles[-1].get_attribute("data-state") == "done":
+            # The state before the text: text read after "done" is the whole answer (read the
+            # other way round, the stream can end between the two reads).
+            done = bubbles[-1].get_attribute("data-state") == "done"
+            seen.append(len(bubbles[-1].find_element(By.CLASS_NAME, "text").text))
+            if done:
                 return bubbles[-1], seen
         time.sleep(0.01)
     raise AssertionError("the answer never finished streaming")

@@ -9,7 +9,8 @@ import torch
 
 from lmforge.config import ModelConfig, OptimConfig
 from lmforge.model import Transformer
-from lmforge.train.optim import BatchedMuon, build_optimizer
+from lmforge.train.muon import BatchedMuon
+from lmforge.train.optim import build_optimizer
 from lmforge.train.trainer import Batches, Trainer, TrainSettings
 
 
@@ -103,3 +104,13 @@ def test_muon_state_saves_and_resumes_to_the_same_weights(tmp_path):
     assert resumed.global_step == 8
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_muon_on_a_torch_without_it_is_one_line(monkeypatch):
+    """torch.optim.Muon came with torch 2.9; pyproject allows 2.6: say so instead of failing."""
+    from lmforge.errors import UserError
+
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(UserError, match=r"needs torch.optim.Muon \(torch 2.9 or newer"):
+        build_optimizer(tiny(), OptimConfig(name="muon"))
+    assert len(build_optimizer(tiny(), OptimConfig(name="adamw"))) == 1  # AdamW still works

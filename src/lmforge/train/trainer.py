@@ -942,8 +942,8 @@ class Trainer:
         # evaluations before the decay do not count towards early stopping (a run stopped there
         # never gets its decay: the demo's SFT on twice its data stopped at step 500 of 650, 87 %
         # of its story questions right against 97 % when it ran to the end).
-        held = self.settings.schedule == "wsd" and step <= wsd_decay_start(
-            self.settings.warmup_steps, self.max_steps, self.settings.wsd_decay_fraction
+        held = s.schedule == "wsd" and step <= wsd_decay_start(
+            s.warmup_steps, self.max_steps, s.wsd_decay_fraction
         )
         if improved or held:
             self.evals_without_improvement = 0

@@ -12,9 +12,11 @@ Everything reads the same split: `lmforge prepare TRAIN.txt VAL.txt --doc-per-fi
 char` of the two halves of `--input` (default ../shared/data/tinyshakespeare/input.txt).
 
 1. throughput: (a) the baseline, (b) lmforge's own training step (`Trainer.train_step`, what
-   `lmforge train` runs) at the same shape with the gpt2 block, the llama block, and the llama
-   block with SwiGLU hidden 8/3 x dim (344: the parameters and FLOPs of the GPT-2 MLP, as Llama
-   sizes it); interleaved in rounds of a few steps each, medians, tokens/s as a ratio to (a).
+   `lmforge train` runs) at the same shape with the gpt2 block as nanoGPT's model (no biases,
+   exact GELU: the same parameters), the gpt2 block as GPT-2 (biases, tanh GELU), the llama
+   block, the llama block with SwiGLU hidden 8/3 x dim (344: the parameters and FLOPs of the
+   GPT-2 MLP, as Llama sizes it), and gpt2 and llama under bf16 autocast (nanoGPT runs fp32 on
+   a CPU); interleaved in rounds of a few steps each, medians, tokens/s as a ratio to (a).
 2. curves: (a) for 2,000 iterations; (b) `lmforge train` at the same shape and settings; (c) the
    recipe of configs/shakespeare-char.yaml. Each is evaluated every --eval-every steps on about
    the same number of validation tokens (lmforge's fixed val windows; (a) reads the very windows
@@ -78,6 +80,8 @@ NANOGPT = [
     "--schedule.kind=cosine",
     "--schedule.warmup_steps=100",
 ]
+# nanoGPT's model as lmforge's gpt2 block: no biases (nanoGPT's bias=False), exact GELU (nn.GELU).
+NANOGPT_GPT2 = ["--model.block=gpt2", "--model.bias=false", "--model.gelu=exact"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,10 +237,14 @@ def prepare(text_path: Path, out: Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 def throughput(data: Path, vocab: int, args: argparse.Namespace) -> dict[str, Any]:
     variants: dict[str, Any] = {"(a) baseline": Baseline(data, vocab, 2000).step}
+    bf16 = ["--train.dtype=bf16"]
     for name, extra in (
-        ("(b) lmforge gpt2", ["--model.block=gpt2"]),
+        ("(b) lmforge gpt2", NANOGPT_GPT2),
+        ("(b) gpt2, GPT-2's biases+tanh", ["--model.block=gpt2"]),
         ("(b) lmforge llama", ["--model.block=llama"]),
         ("(b) lmforge llama ffn 344", ["--model.block=llama", "--model.ffn_hidden=344"]),
+        ("(b) lmforge gpt2 bf16", [*NANOGPT_GPT2, *bf16]),
+        ("(b) lmforge llama bf16", ["--model.block=llama", *bf16]),
     ):
         variants[name] = lmforge_trainer(data, extra, 2000).train_step
     tokens_per_step = SHAPE["batch_size"] * SHAPE["context"]
@@ -266,10 +274,10 @@ def throughput(data: Path, vocab: int, args: argparse.Namespace) -> dict[str, An
     }
     print(f"\nthroughput: {args.rounds} interleaved rounds of {args.round_steps} steps, "
           f"threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"{'variant':<28}{'ms/step':>9}{'tokens/s':>10}{'x (a)':>8}{'p10..p90 ms':>16}")
+    print(f"{'variant':<32}{'ms/step':>9}{'tokens/s':>10}{'x (a)':>8}{'p10..p90 ms':>16}")
     for name, r in rows.items():
         lo, hi = r["ms_per_step_p10_p90"]
-        print(f"{name:<28}{r['ms_per_step']:>9.1f}{r['tokens_per_s']:>10,}"
+        print(f"{name:<32}{r['ms_per_step']:>9.1f}{r['tokens_per_s']:>10,}"
               f"{r['ratio_to_baseline']:>8.2f}{lo:>8.1f}..{hi:<7.1f}")  # fmt: skip
     return rows
 
@@ -353,7 +361,7 @@ def curves(data: Path, vocab: int, args: argparse.Namespace) -> dict[str, Any]:
     steps = f"--train.max_steps={args.steps}"
     runs = {  # key: (name, lmforge train arguments, or None for the baseline)
         "a": ("(a) baseline", None),
-        "b-gpt2": ("(b) lmforge gpt2", [*NANOGPT, "--model.block=gpt2", steps]),
+        "b-gpt2": ("(b) lmforge gpt2", [*NANOGPT, *NANOGPT_GPT2, steps]),
         "b-llama": ("(b) lmforge llama", [*NANOGPT, "--model.block=llama", steps]),
         "c": ("(c) recipe", [str(args.recipe), *overrides]),
     }
@@ -402,7 +410,7 @@ def main() -> None:
     parser.add_argument("--input", type=Path, default=INPUT, help="tinyshakespeare input.txt")
     parser.add_argument("--parts", default="throughput,curves")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every variant")
-    parser.add_argument("--rounds", type=int, default=12, help="throughput: interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=20, help="throughput: interleaved rounds")
     parser.add_argument("--round-steps", type=int, default=5, help="throughput: steps a round")
     parser.add_argument("--warmup-steps", type=int, default=5, help="throughput: untimed steps")
     parser.add_argument("--curves", default="a,b-gpt2,c", help="of a, b-gpt2, b-llama, c")

@@ -113,8 +113,9 @@ OUT_OF_RANGE = {
     "sft.max_epochs": 0, "sft.questions_per_story": 0,
 }  # fmt: skip
 # Keys with nothing to check beyond their type and choices.
-FREE = {"model.preset", "model.block", "model.tie_embeddings", "model.qk_norm", "data.dir",
-        "data.mode", "data.allow_instruction_data", "train.dtype", "train.compile",
+FREE = {"model.preset", "model.block", "model.tie_embeddings", "model.qk_norm", "model.bias",
+        "model.gelu", "data.dir", "data.mode", "data.allow_instruction_data", "train.dtype",
+        "train.compile",
         "train.sample_prompts", "train.activation_checkpointing", "train.distributed",
         "train.init_from", "optim.name", "schedule.kind", "log.keep_plot_iterations",
         "log.tensorboard", "log.progress", "sft.data", "sft.pack", "sft.skip_bad",

@@ -116,8 +116,9 @@ def load_hf(folder: Path):
         dict(block="llama", n_kv_heads=2, tie_embeddings=True),
         dict(block="llama", n_kv_heads=1, tie_embeddings=False, rope_theta=5000.0),
         dict(block="gpt2", tie_embeddings=True),
+        dict(block="gpt2", tie_embeddings=True, bias=False, gelu="exact"),
     ],
-    ids=["llama-gqa-tied", "llama-untied", "gpt2"],
+    ids=["llama-gqa-tied", "llama-untied", "gpt2", "gpt2-nanogpt"],
 )
 def test_hf_export_gives_transformers_the_same_model(tmp_path, bpe, settings):
     ours = tiny_model(bpe, **settings)
@@ -379,6 +380,19 @@ def test_gguf_file_holds_the_weights_and_tokenizer(tmp_path, bpe, block):
             array("blk.0.attn_qkv.weight"), model.blocks[0].attn.c_attn.weight.detach()
         )
         assert "position_embd.weight" in tensors and "blk.1.ffn_down.bias" in tensors
+
+
+def test_gguf_holds_zero_biases_and_refuses_the_exact_gelu(tmp_path, bpe):
+    gguf = pytest.importorskip("gguf")
+    model = tiny_model(bpe, block="gpt2", tie_embeddings=True, bias=False)
+    reader = gguf.GGUFReader(export_gguf(model, bpe, tmp_path / "m.gguf"))
+    tensors = {t.name: t.data for t in reader.tensors}
+    assert not tensors["blk.0.attn_qkv.bias"].any() and not tensors["output_norm.bias"].any()
+    assert tensors["blk.0.attn_qkv.bias"].size == 3 * 32
+    exact = tiny_model(bpe, block="gpt2", tie_embeddings=True, gelu="exact")
+    with pytest.raises(UserError, match="exact GELU"):
+        export_gguf(exact, bpe, tmp_path / "exact.gguf")
+    assert not (tmp_path / "exact.gguf").exists()
 
 
 def test_gguf_refuses_tokenizers_llama_cpp_lacks(tmp_path):

@@ -37,6 +37,49 @@ def test_flops_per_token_follows_palm_formula():
     assert flops_per_token(cfg) == 6 * n + 12 * 12 * 768 * 1024
 
 
+def test_gpt2_block_without_biases_is_nanogpts_model():
+    """model.bias=false: nanoGPT's default GPT (no biases in linears or LayerNorms, tied head):
+    its "baby GPT" of 4 x 128 on 65 characters has 12 * 128^2 + 2 * 128 per block."""
+    shape = dict(n_layers=4, dim=128, n_heads=4, context=64, max_context=64, vocab_size=65)
+    cfg = model_config("tiny", block="gpt2", pad_vocab_multiple=1, bias=False, **shape)
+    per_block = 12 * 128 * 128 + 2 * 128
+    assert count_parameters(cfg) == 65 * 128 + 64 * 128 + 4 * per_block + 128
+    with_biases = model_config("tiny", block="gpt2", pad_vocab_multiple=1, **shape)
+    extra = 4 * (3 * 128 + 128 + 512 + 128 + 2 * 128) + 128  # linear + LayerNorm biases
+    assert count_parameters(with_biases) == count_parameters(cfg) + extra
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_causal_attention_equals_sdpa(T, dtype):
+    """The CPU path for T <= 128 (two batched products) against SDPA in fp32: output and all
+    three gradients, from the model's layout (transposed views of one projection)."""
+    import torch.nn.functional as F
+
+    from lmforge.model import SMALL_CONTEXT, _attention
+
+    assert T <= SMALL_CONTEXT
+    gen = torch.Generator().manual_seed(T)
+    B, H, D = 3, 4, 16
+    qkv = torch.randn(B, T, 3 * H * D, generator=gen)
+    grad = torch.randn(B, H, T, D, generator=gen)
+    results = []
+    for kernel in ("sdpa", "small"):
+        x = qkv.clone().to(dtype).requires_grad_()
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in x.split(H * D, dim=2))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            if kernel == "sdpa":
+                q, k, v = (t.float() for t in (q, k, v))
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                y = _attention(q, k, v, is_causal=True)
+        y.float().backward(grad)
+        results.append((y.float().detach(), x.grad.float()))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for ref, got in zip(*results):
+        assert torch.allclose(got, ref, atol=tol, rtol=tol), (got - ref).abs().max()
+
+
 def tiny_cfg(**kw) -> ModelConfig:
     base = dict(
         preset="tiny",
@@ -329,15 +372,16 @@ def test_canon_layer_mixes_the_tokens_before_and_only_those():
 
 
 def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
-    """On a CPU, bf16 attention is slower than fp32 at small heads (bench/cpu_attention.py):
-    under bf16 autocast the model's attention is computed in fp32 and handed back in bf16,
-    with gradients that reach the bf16 inputs."""
+    """On a CPU, bf16 SDPA is slower than fp32 at small heads (bench/cpu_attention.py): beyond
+    SMALL_CONTEXT positions, under bf16 autocast the model's attention is computed in fp32 and
+    handed back in bf16, with gradients that reach the bf16 inputs."""
     import torch.nn.functional as F
 
-    from lmforge.model import _attention
+    from lmforge.model import SMALL_CONTEXT, _attention
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 12, 16).bfloat16().requires_grad_() for _ in range(3))
+    T = SMALL_CONTEXT + 8
+    q, k, v = (torch.randn(2, 3, T, 16).bfloat16().requires_grad_() for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = _attention(q, k, v, is_causal=True)
     assert y.dtype == torch.bfloat16

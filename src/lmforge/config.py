@@ -56,6 +56,17 @@ class ModelConfig:
     pad_vocab_multiple: int = opt(64, "pad the vocabulary to a multiple of this (<=1: no padding)")
     tie_embeddings: bool = opt(True, "share the token embedding with the LM head")
     qk_norm: bool = opt(False, "RMS-normalise queries and keys per head (llama block)")
+    bias: bool = opt(
+        True,
+        "biases in the gpt2 block's linear layers and LayerNorms (GPT-2 has them, nanoGPT's "
+        "default model does not; exports write zeros for them); the llama block has none",
+    )
+    gelu: str = opt(
+        "tanh",
+        "the gpt2 block's GELU: tanh (GPT-2's approximation) or exact (erf, nanoGPT's "
+        "nn.GELU; not exportable to GGUF, whose gpt2 architecture computes the tanh form)",
+        ("tanh", "exact"),
+    )
     canon: int = opt(
         0,
         "width of a causal depthwise convolution on each block's attention input, a 'canon "

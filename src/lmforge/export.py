@@ -113,11 +113,23 @@ def hf_state_dict(
     A tied LM head is not stored: `tie_word_embeddings` in config.json recreates it (safetensors
     refuses two names for one storage anyway).
     """
-    own = model.state_dict()
+    own = state_with_biases(model)
     return {
         hf: (own[ours].t() if transpose else own[ours]).detach().to("cpu", dtype).contiguous()
         for ours, hf, transpose in weight_map(model.cfg)
     }
+
+
+def state_with_biases(model: Transformer) -> dict[str, torch.Tensor]:
+    """The state dict, with zeros for the biases of a gpt2 block built without them
+    (model.bias=false): GPT-2's formats always hold biases, and zero biases compute the same."""
+    own = dict(model.state_dict())
+    if model.cfg.block == "gpt2" and not model.cfg.bias:
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.LayerNorm) and module.bias is None:
+                if name != "lm_head":
+                    own[f"{name}.bias"] = module.weight.new_zeros(module.weight.shape[0])
+    return own
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
@@ -179,7 +191,8 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str = "fp32") -> di
         "n_layer": cfg.n_layers,
         "n_head": cfg.n_heads,
         "n_inner": cfg.hidden,
-        "activation_function": "gelu_new",  # tanh GELU, as lmforge's GeluMLP
+        # tanh GELU (GPT-2's, lmforge's default) or the exact one (model.gelu=exact)
+        "activation_function": "gelu_new" if cfg.gelu == "tanh" else "gelu",
         "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
@@ -251,8 +264,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         )
     else:
         activation = _get(hf, "activation_function", "gelu_new")
-        if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise refuse(f"activation_function {activation} (lmforge uses tanh GELU)")
+        if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise refuse(f"activation_function {activation} (lmforge has tanh or exact GELU)")
         if hf.get("scale_attn_by_inverse_layer_idx") or not _get(hf, "scale_attn_weights", True):
             raise refuse("non-standard attention scaling")
         dim = hf["n_embd"]
@@ -263,6 +276,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             dim=dim,
             n_heads=hf["n_head"],
             ffn_hidden=_get(hf, "n_inner", 4 * dim),
+            gelu="exact" if activation == "gelu" else "tanh",
             norm_eps=float(_get(hf, "layer_norm_epsilon", 1e-5)),
             tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
         )
@@ -363,6 +377,12 @@ def lmforge_state_dict(
         used.add(hf)
         tensor = weights[hf].t() if transpose else weights[hf]
         tensor = tensor.to(torch.float32)
+        if ours not in target and ours.endswith(".bias") and not cfg.bias:
+            if tensor.any():  # exported from a bias-free model, GPT-2's format holds zeros
+                raise UserError(
+                    f"{where}: {hf} is not zero but the model has no biases (model.bias=false)"
+                )
+            continue
         want = target[ours].shape
         if tensor.shape != want:
             rows_only = tensor.dim() == 2 and tensor.shape[1:] == want[1:]
@@ -416,6 +436,9 @@ def init_from_hf(model: Transformer, path: str | Path) -> Path:
     ]
     if cfg.block == "llama":
         checks.append(("rope_theta", hf_cfg.rope_theta, cfg.rope_theta))
+    else:
+        checks.append(("bias", hf_cfg.bias, cfg.bias))
+        checks.append(("gelu", hf_cfg.gelu, cfg.gelu))
     checks.append(("tie_embeddings", hf_cfg.tie_embeddings, cfg.tie_embeddings))
     checks.append(("norm_eps", hf_cfg.norm_eps, cfg.norm_eps))
     checks.append(("qk_norm", hf_cfg.qk_norm, cfg.qk_norm))  # HF Llama/GPT-2 have no QK-norm
@@ -719,6 +742,11 @@ def export_gguf(
 
     cfg = model.cfg
     _check_exportable(cfg)
+    if cfg.block == "gpt2" and cfg.gelu != "tanh":
+        raise UserError(
+            "llama.cpp's gpt2 architecture computes GELU's tanh approximation, and this model "
+            "uses the exact GELU (model.gelu=exact): export it with --format hf instead"
+        )
     out = Path(out)
     if out.suffix != ".gguf":
         refuse_existing(out, overwrite)
@@ -800,7 +828,8 @@ def gguf_tensors(model: Transformer) -> list[tuple[str, np.ndarray]]:
     A tied head is left out: llama.cpp then reuses token_embd as the output matrix.
     """
     cfg = model.cfg
-    sd = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in model.state_dict().items()}
+    own = state_with_biases(model)
+    sd = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in own.items()}
     out: list[tuple[str, np.ndarray]] = [("token_embd.weight", sd["wte.weight"])]
     if cfg.block == "gpt2":
         out.append(("position_embd.weight", sd["wpe.weight"]))

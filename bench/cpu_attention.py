@@ -8,7 +8,7 @@ python bench/cpu_attention.py [--repeats 15] [--parts sdpa,small]
    faster.
 2. small: causal attention of few positions, SDPA's flash kernel (fp32) against lmforge's
    `_small_causal_attention` (two batched products and a softmax) in fp32 and under bf16
-   autocast: why the model uses the latter up to `SMALL_CONTEXT` positions.
+   autocast: why a bf16 model uses the latter up to `SMALL_CONTEXT` positions.
 Variants are interleaved so the machine's drift hits them alike; medians of --rounds.
 """
 
@@ -79,7 +79,7 @@ def time_small(shape, kernel: str, repeats: int) -> float:
 
 def small(args: argparse.Namespace) -> list[dict]:
     rows = []
-    print(f"\ncausal, forward + backward, ms (lmforge uses 'small' up to T = {SMALL_CONTEXT})")
+    print(f"\ncausal, forward + backward, ms (a bf16 model uses 'small' to T = {SMALL_CONTEXT})")
     print(f"{'B x H x T x D':>18} {'flash fp32':>11} {'small fp32':>11} {'small bf16':>11} "
           f"{'flash/small':>12}")  # fmt: skip
     for shape in SMALL_SHAPES:

@@ -52,11 +52,12 @@ def test_gpt2_block_without_biases_is_nanogpts_model():
 @pytest.mark.parametrize("T", [1, 7, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_causal_attention_equals_sdpa(T, dtype):
-    """The CPU path for T <= 128 (two batched products) against SDPA in fp32: output and all
-    three gradients, from the model's layout (transposed views of one projection)."""
+    """The CPU path for T <= 128 (two batched products; the model takes it in bf16) against
+    SDPA in fp32: output and all three gradients, from the model's layout (transposed views of
+    one projection)."""
     import torch.nn.functional as F
 
-    from lmforge.model import SMALL_CONTEXT, _attention
+    from lmforge.model import SMALL_CONTEXT, _small_causal_attention
 
     assert T <= SMALL_CONTEXT
     gen = torch.Generator().manual_seed(T)
@@ -72,7 +73,7 @@ def test_small_causal_attention_equals_sdpa(T, dtype):
                 q, k, v = (t.float() for t in (q, k, v))
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
-                y = _attention(q, k, v, is_causal=True)
+                y = _small_causal_attention(q, k, v)
         y.float().backward(grad)
         results.append((y.float().detach(), x.grad.float()))
     tol = 1e-5 if dtype == torch.float32 else 3e-2

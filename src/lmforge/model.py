@@ -105,18 +105,18 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-SMALL_CONTEXT = 128  # up to this many positions, causal attention on a CPU is two batched products
+SMALL_CONTEXT = 128  # up to this many positions, bf16 causal attention on a CPU: two products
 
 
 def _small_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention as scores, softmax (fp32) and a weighted sum, for T <= 128 on a CPU.
+    """Causal attention as scores, softmax (fp32) and a weighted sum: a CPU in bf16, T <= 128.
 
-    With so few positions the whole score matrix (B x H x T x T) is small, and two batched
-    products beat PyTorch's CPU flash kernel: forward + backward of 12 x 4 x 64 x 32 (nanoGPT's
-    shape) 1.19 against 1.85 ms, 12 x 8 x 64 x 16 2.24 against 3.94, 12 x 4 x 128 x 32 4.49
-    against 5.18; at T = 256 flash wins (4 x 6 x 256 x 16: 8.1 against 7.3 ms;
-    bench/cpu_attention.py). Under bf16 autocast the products run in bf16 like every other
-    matrix product, where the flash kernel would be slower than in fp32 (see `_attention`).
+    With so few positions the score matrix (B x H x T x T) is small, and under bf16 autocast
+    the two products run in bf16, at twice the fp32 speed of this CPU's matmuls, where SDPA's
+    flash kernel would have to run in fp32 (see `_attention`). A/B in one process at nanoGPT's
+    shape, tokens/s against the benchmark's plain fp32 loop (SDPA -> this): llama block bf16
+    0.99 -> 1.03 and 0.96 -> 1.00, gpt2 bf16 1.22 -> 1.31. In fp32, flash is the faster
+    (bench/cpu_attention.py --parts small), and from T = 256 in both precisions.
     q, k, v (B, H, T, D) -> (B, H, T, D)."""
     B, H, T, D = q.shape
     future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
@@ -127,8 +127,8 @@ def _small_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Causal attention of up to 128 positions on a CPU: `_small_causal_attention`. Otherwise
-    SDPA; on a CPU in fp32 even under bf16 autocast, cast back to the caller's dtype.
+    """Causal bf16 attention of up to 128 positions on a CPU: `_small_causal_attention`.
+    Otherwise SDPA; on a CPU in fp32 even under bf16 autocast, cast back to the caller's dtype.
 
     PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 at small head sizes
     (forward + backward, B x H x T x D: 4 x 6 x 256 x 16 takes 8.7 ms in bf16, 4.3 ms in fp32;
@@ -137,6 +137,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> t
     """
     if (
         q.device.type == "cpu"
+        and q.dtype != torch.float32
         and kwargs.get("is_causal")
         and not kwargs.get("dropout_p")
         and q.shape[-2] == k.shape[-2] <= SMALL_CONTEXT

@@ -31,6 +31,16 @@ SMALL_SHAPES = [(12, 4, 64, 32), (12, 8, 64, 16), (12, 4, 128, 32), (4, 6, 128, 
 SMALL_SHAPES += [(4, 6, 256, 16)]
 
 
+def ms_per_call(step, repeats: int) -> float:
+    """Milliseconds per call of `step`, after two untimed calls."""
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - start) / repeats * 1000
+
+
 def time_one(shape, dtype, masked: bool, repeats: int) -> float:
     B, H, T, D = shape
     gen = torch.Generator().manual_seed(0)
@@ -42,12 +52,7 @@ def time_one(shape, dtype, masked: bool, repeats: int) -> float:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         y.backward(grad)
 
-    for _ in range(2):
-        step()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return (time.perf_counter() - start) / repeats * 1000
+    return ms_per_call(step, repeats)
 
 
 def time_small(shape, kernel: str, repeats: int) -> float:
@@ -69,12 +74,7 @@ def time_small(shape, kernel: str, repeats: int) -> float:
                 y = _small_causal_attention(q, k, v)
         y.transpose(1, 2).reshape(B, T, H * D).backward(grad)
 
-    for _ in range(2):
-        step()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return (time.perf_counter() - start) / repeats * 1000
+    return ms_per_call(step, repeats)
 
 
 def small(args: argparse.Namespace) -> list[dict]:

@@ -27,8 +27,13 @@ from lmforge.model import SMALL_CONTEXT, _small_causal_attention
 # (B, H, T, D): the demo's pretraining (4 x 6 heads of 16) and SFT batch, then larger heads.
 SHAPES = [(4, 6, 256, 16), (16, 6, 256, 16), (4, 4, 256, 32), (4, 4, 256, 64), (2, 12, 512, 64)]
 # nanoGPT's CPU shape (12 x 4 heads of 32, block 64), then more heads, longer, and the demo's.
-SMALL_SHAPES = [(12, 4, 64, 32), (12, 8, 64, 16), (12, 4, 128, 32), (4, 6, 128, 16)]
-SMALL_SHAPES += [(4, 6, 256, 16)]
+SMALL_SHAPES = [
+    (12, 4, 64, 32),
+    (12, 8, 64, 16),
+    (12, 4, 128, 32),
+    (4, 6, 128, 16),
+    (4, 6, 256, 16),
+]
 
 
 def ms_per_call(step, repeats: int) -> float:
@@ -127,7 +132,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     parser.add_argument("--parts", default="sdpa,small", help="of sdpa, small")
     args = parser.parse_args()
-    torch.manual_seed(0)
     result: dict = {"config": vars(args)}
     if "sdpa" in args.parts.split(","):
         result["rows"] = sdpa(args)

@@ -115,8 +115,8 @@ OUT_OF_RANGE = {
 # Keys with nothing to check beyond their type and choices.
 FREE = {"model.preset", "model.block", "model.tie_embeddings", "model.qk_norm", "model.bias",
         "model.gelu", "data.dir", "data.mode", "data.allow_instruction_data", "train.dtype",
-        "train.compile",
-        "train.sample_prompts", "train.activation_checkpointing", "train.distributed",
+        "train.compile", "train.sample_prompts", "train.activation_checkpointing",
+        "train.distributed",
         "train.init_from", "optim.name", "schedule.kind", "log.keep_plot_iterations",
         "log.tensorboard", "log.progress", "sft.data", "sft.pack", "sft.skip_bad",
         "sft.allow_plain_text"}  # fmt: skip

@@ -126,9 +126,9 @@ def state_with_biases(model: Transformer) -> dict[str, torch.Tensor]:
     own = dict(model.state_dict())
     if model.cfg.block == "gpt2" and not model.cfg.bias:
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear | torch.nn.LayerNorm) and module.bias is None:
-                if name != "lm_head":
-                    own[f"{name}.bias"] = module.weight.new_zeros(module.weight.shape[0])
+            layer = isinstance(module, torch.nn.Linear | torch.nn.LayerNorm) and name != "lm_head"
+            if layer and module.bias is None:
+                own[f"{name}.bias"] = module.weight.new_zeros(module.weight.shape[0])
     return own
 
 

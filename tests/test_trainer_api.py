@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,51 @@ def test_training_with_validation_fills_val_history(tmp_path: Path) -> None:
     assert trainer.best_val_loss == min(history["val_loss"])
     assert (tmp_path / "best.pt").is_file()
     assert any(line.startswith("eval step") for line in lines)
+
+
+def test_step_time_and_tokens_per_s_leave_evaluations_out(tmp_path: Path, monkeypatch) -> None:
+    """ms/step, tokens/s and MFU measure the training steps: a (1 s) evaluation between two log
+    lines is not spread over the next interval's steps."""
+    train_loader, val_loader, tokenizer = loaders(val=True)
+    trainer, lines = quiet_trainer(
+        tiny_model(tokenizer), train_loader, val_loader, checkpoint_dir=tmp_path, log_interval=2
+    )
+    validate = trainer.validate
+
+    def slow_validate(*args, **kwargs):
+        time.sleep(1.0)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "validate", slow_validate)
+    trainer.train(num_epochs=2)
+    per_epoch = len(train_loader)
+    rows = [r for r in trainer.history.rows if r.ms_per_step]
+    assert [r.step for r in rows if r.step > per_epoch], "no log line after the first evaluation"
+    assert max(r.ms_per_step for r in rows) < 500, [r.ms_per_step for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("g++"), reason="inductor on a CPU needs a C++ compiler")
+def test_compiled_training_on_cpu_follows_the_eager_curve(tmp_path: Path) -> None:
+    """--train.compile=true on a CPU (inductor's C++ kernels): the same losses step by step, the
+    same validation (a second graph, compiled without gradients) and the same weights."""
+    runs = []
+    for compiled in (False, True):
+        train_loader, val_loader, tokenizer = loaders(val=True, shuffle=False)
+        model = tiny_model(tokenizer)
+        trainer, lines = quiet_trainer(
+            model, train_loader, val_loader, checkpoint_dir=tmp_path / str(compiled),
+            compile_model=compiled,
+        )  # fmt: skip
+        trainer.train(max_steps=6)
+        steps = trainer.history.steps()
+        runs.append((steps["train_loss"], steps["val_loss"], params(model)))
+    (eager_losses, eager_val, eager_weights), (losses, val, weights) = runs
+    assert len(losses) == 6 and losses[-1] < losses[0] and val
+    assert losses == pytest.approx(eager_losses, abs=1e-4)
+    assert val == pytest.approx(eager_val, abs=1e-4)
+    for name, w in weights.items():
+        assert torch.allclose(w, eager_weights[name], atol=1e-4), name
 
 
 # ------------------------------------------------------------------------ example 3: early stop

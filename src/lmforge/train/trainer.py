@@ -440,7 +440,10 @@ class Trainer:
         self.elapsed = 0.0  # training wall time so far, warm-up passes excluded
         self._log_loss_sum, self._log_loss_count = 0.0, 0
         self._last_grad_norm = 0.0
-        self._interval_start, self._interval_steps = time.perf_counter(), 0
+        # The log interval: its steps' own time (ms/step, tokens/s, MFU: evaluations, samples and
+        # saves between steps excluded) and the wall time since fit() began (the ETA).
+        self._interval_steps, self._interval_train_s = 0, 0.0
+        self._fit_start, self._fit_start_step = time.perf_counter(), 0
         self.after_work_pending = False  # set by a checkpoint saved on SIGTERM
         self._bar: Any = None
         self.last_saved_step = -1
@@ -805,7 +808,8 @@ class Trainer:
         self.model.train()
         self.warm_up()
         self._bar = _progress(self.max_steps, self.global_step) if s.progress else None
-        self._interval_start, self._interval_steps = time.perf_counter(), 0
+        self._interval_steps, self._interval_train_s = 0, 0.0
+        self._fit_start, self._fit_start_step = time.perf_counter(), self.global_step
         with GracefulStop() as stop:
             self._stop, self._last_save = stop, time.monotonic()
             if self.after_work_pending:  # resumed from a SIGTERM save: its step's work is due
@@ -825,7 +829,9 @@ class Trainer:
         # host reads the next batch. The next step's loss read waits for them, so they count
         # there; the times drift by at most one optimizer step.
         loss, self._last_grad_norm = self.train_step()
-        self.elapsed += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.elapsed += took
+        self._interval_train_s += took
         self._interval_steps += 1
         self._log_loss_sum += loss
         self._log_loss_count += 1
@@ -885,10 +891,10 @@ class Trainer:
 
     def _log_row(self, step: int) -> MetricsRow:
         s = self.settings
-        ms_per_step = (
-            1000 * (time.perf_counter() - self._interval_start) / max(1, self._interval_steps)
-        )
-        self._interval_start, self._interval_steps = time.perf_counter(), 0
+        ms_per_step = 1000 * self._interval_train_s / max(1, self._interval_steps)
+        self._interval_steps, self._interval_train_s = 0, 0.0
+        steps_this_fit = max(1, step - self._fit_start_step)
+        wall_per_step = (time.perf_counter() - self._fit_start) / steps_this_fit
         loss = self._log_loss_sum / max(1, self._log_loss_count)
         self._log_loss_sum, self._log_loss_count = 0.0, 0
         lr = self.lr_at(step - 1)
@@ -898,7 +904,7 @@ class Trainer:
         )
         use = mfu(s.flops_per_token, tokens_per_s, device_name, self.precision.dtype, s.peak_flops)
         memory_mb = _memory_mb(self.device)
-        eta = (self.max_steps - step) * ms_per_step / 1000
+        eta = (self.max_steps - step) * wall_per_step  # evaluations and saves included
         mfu_text = f" | mfu {100 * use:.1f}%" if use is not None else ""
         self.log(
             f"step {step:>6}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "

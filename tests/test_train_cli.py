@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import resource
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY, lmforge_subprocess
+from helpers import TINY, lmforge_subprocess, one_error_line
 
 COMPARED = ("step", "tokens_seen", "loss", "lr", "grad_norm", "val_loss")
 
@@ -218,6 +219,17 @@ def test_non_finite_loss_stops_with_step_named(data_dir, tmp_path):
 def test_phase_1_refuses_missing_data_dir(tmp_path):
     result = lmforge("train", f"--data.dir={tmp_path / 'nope'}", f"--run.dir={tmp_path / 'r'}")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_compile_on_a_cpu_without_a_cxx_compiler_is_one_line(data_dir, tmp_path):
+    """torch.compile on a CPU builds C++ kernels: with no compiler found (inductor tries $CXX,
+    else g++), one line before any step, not an inductor traceback in the first one."""
+    run, env = tmp_path / "run", {**os.environ, "CXX": str(tmp_path / "no-such-g++")}
+    result = train(data_dir, run, "--train.compile=true", "--train.device=cpu", env=env)
+    assert result.returncode == 2, result.stderr
+    line = one_error_line(result.stderr)
+    assert "needs a C++ compiler" in line and "--train.compile=false" in line
+    assert not list(run.glob("checkpoints/*.pt"))
 
 
 def test_env_prints_versions():

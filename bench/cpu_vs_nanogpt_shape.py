@@ -15,8 +15,11 @@ char` of the two halves of `--input` (default ../shared/data/tinyshakespeare/inp
    `lmforge train` runs) at the same shape with the gpt2 block as nanoGPT's model (no biases,
    exact GELU: the same parameters), the gpt2 block as GPT-2 (biases, tanh GELU), the llama
    block, the llama block with SwiGLU hidden 8/3 x dim (344: the parameters and FLOPs of the
-   GPT-2 MLP, as Llama sizes it), and gpt2 and llama under bf16 autocast (nanoGPT runs fp32 on
-   a CPU); interleaved in rounds of a few steps each, medians, tokens/s as a ratio to (a).
+   GPT-2 MLP, as Llama sizes it), gpt2 and llama compiled (--train.compile=true: inductor's C++
+   kernels, fp32), and gpt2 and llama under bf16 autocast (nanoGPT runs fp32 on a CPU), llama
+   also compiled; interleaved in rounds of a few steps each, medians, tokens/s as a ratio to (a).
+   "first steps" is the time of the untimed warm-up steps: a compiled variant's compilation
+   (cached by inductor for the next run: TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) shows a cold one).
 2. curves: (a) for 2,000 iterations; (b) `lmforge train` at the same shape and settings; (c) the
    recipe of configs/shakespeare-char.yaml. Each is evaluated every --eval-every steps on about
    the same number of validation tokens (lmforge's fixed val windows; (a) reads the very windows
@@ -52,6 +55,7 @@ from lmforge.data.memmap import TokenBatches
 from lmforge.device import pick
 from lmforge.model import Transformer
 from lmforge.train.optim import build_optimizer
+from lmforge.train.pipeline import compiles
 from lmforge.train.trainer import TokenFileBatches, Trainer, TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +214,7 @@ def lmforge_trainer(data: Path, overrides: list[str], steps: int) -> Trainer:
         device=precision,
         settings=TrainSettings.from_config(cfg),
         log=lambda line: None,
+        compile_model=compiles(cfg, precision),  # --train.compile=true, as `lmforge train` does
     )
 
 
@@ -237,20 +242,27 @@ def prepare(text_path: Path, out: Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 def throughput(data: Path, vocab: int, args: argparse.Namespace) -> dict[str, Any]:
     variants: dict[str, Any] = {"(a) baseline": Baseline(data, vocab, 2000).step}
-    bf16 = ["--train.dtype=bf16"]
+    bf16, llama = ["--train.dtype=bf16"], ["--model.block=llama"]
+    compiled = ["--train.compile=true"]
     for name, extra in (
         ("(b) lmforge gpt2", NANOGPT_GPT2),
         ("(b) gpt2, GPT-2's biases+tanh", ["--model.block=gpt2"]),
-        ("(b) lmforge llama", ["--model.block=llama"]),
-        ("(b) lmforge llama ffn 344", ["--model.block=llama", "--model.ffn_hidden=344"]),
+        ("(b) lmforge llama", llama),
+        ("(b) lmforge llama ffn 344", [*llama, "--model.ffn_hidden=344"]),
+        ("(b) lmforge gpt2 compiled", [*NANOGPT_GPT2, *compiled]),
+        ("(b) lmforge llama compiled", [*llama, *compiled]),
         ("(b) lmforge gpt2 bf16", [*NANOGPT_GPT2, *bf16]),
-        ("(b) lmforge llama bf16", ["--model.block=llama", *bf16]),
+        ("(b) lmforge llama bf16", [*llama, *bf16]),
+        ("(b) llama bf16 compiled", [*llama, *bf16, *compiled]),
     ):
         variants[name] = lmforge_trainer(data, extra, 2000).train_step
     tokens_per_step = SHAPE["batch_size"] * SHAPE["context"]
-    for step in variants.values():
+    warmup_s = {}  # the first steps: a compiled variant's compilation happens in its first step
+    for name, step in variants.items():
+        start = time.perf_counter()
         for _ in range(args.warmup_steps):
             step()
+        warmup_s[name] = time.perf_counter() - start
     ms: dict[str, list[float]] = {name: [] for name in variants}
     cpu_share: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
@@ -269,16 +281,19 @@ def throughput(data: Path, vocab: int, args: argparse.Namespace) -> dict[str, An
             "ratio_to_baseline": round(base / statistics.median(v), 3),
             "ms_per_step_p10_p90": [round(q, 2) for q in statistics.quantiles(v, n=10)[::8]],
             "cpu_share": round(statistics.median(cpu_share[name]), 2),
+            "warmup_s": round(warmup_s[name], 2),
         }
         for name, v in ms.items()
     }
     print(f"\nthroughput: {args.rounds} interleaved rounds of {args.round_steps} steps, "
           f"threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"{'variant':<32}{'ms/step':>9}{'tokens/s':>10}{'x (a)':>8}{'p10..p90 ms':>16}")
+    print(f"{'variant':<32}{'ms/step':>9}{'tokens/s':>10}{'x (a)':>8}{'p10..p90 ms':>16}"
+          f"{'first steps':>12}")  # fmt: skip
     for name, r in rows.items():
         lo, hi = r["ms_per_step_p10_p90"]
         print(f"{name:<32}{r['ms_per_step']:>9.1f}{r['tokens_per_s']:>10,}"
-              f"{r['ratio_to_baseline']:>8.2f}{lo:>8.1f}..{hi:<7.1f}")  # fmt: skip
+              f"{r['ratio_to_baseline']:>8.2f}{lo:>8.1f}..{hi:<7.1f}"
+              f"{r['warmup_s']:>10.1f} s")  # fmt: skip
     return rows
 
 

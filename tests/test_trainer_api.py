@@ -185,7 +185,7 @@ def test_step_time_and_tokens_per_s_leave_evaluations_out(tmp_path: Path, monkey
     """ms/step, tokens/s and MFU measure the training steps: a (1 s) evaluation between two log
     lines is not spread over the next interval's steps."""
     train_loader, val_loader, tokenizer = loaders(val=True)
-    trainer, lines = quiet_trainer(
+    trainer, _ = quiet_trainer(
         tiny_model(tokenizer), train_loader, val_loader, checkpoint_dir=tmp_path, log_interval=2
     )
     validate = trainer.validate
@@ -211,7 +211,7 @@ def test_compiled_training_on_cpu_follows_the_eager_curve(tmp_path: Path) -> Non
     for compiled in (False, True):
         train_loader, val_loader, tokenizer = loaders(val=True, shuffle=False)
         model = tiny_model(tokenizer)
-        trainer, lines = quiet_trainer(
+        trainer, _ = quiet_trainer(
             model, train_loader, val_loader, checkpoint_dir=tmp_path / str(compiled),
             compile_model=compiled,
         )  # fmt: skip

@@ -163,7 +163,8 @@ class TrainConfig:
     compile: str = opt(
         "auto",
         "torch.compile the model: auto (on for CUDA), true, false (true on a CPU: C++ kernels "
-        "built in the first steps, 10-25 s, then up to 1.25x a step; needs g++ or clang++)",
+        "built in the first steps, 14-24 s, cached for later runs, then up to 1.25x a step; "
+        "needs g++ or clang++)",
         ("auto", "true", "false"),
     )
     threads: int = opt(0, "CPU threads (0 = physical cores)")

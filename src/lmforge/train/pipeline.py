@@ -114,10 +114,10 @@ def _trainer(cfg: Config, phase: Phase, d: Dist, precision: Precision, folder: R
 
 def compiles(cfg: Config, precision: Precision) -> bool:
     """train.compile: auto compiles on CUDA only. On a CPU inductor builds C++ kernels in the
-    first steps (10-25 s at the demo's sizes, cached for later runs) and then fuses the small
-    element-wise ops around the matrix products: 1.2-1.25x a step at nanoGPT's shape (4 x 128,
-    context 64; bench/cpu_vs_nanogpt_shape.py), about 1.1x at the demo's, where attention over
-    256 positions dominates; a win on long runs only, so it is asked for (train.compile=true)."""
+    first steps (14-24 s on 2 cores with an empty cache, 2-4 s from its cache) and then fuses the
+    small element-wise ops around the matrix products: 1.1-1.25x a step at nanoGPT's shape
+    (4 x 128, context 64; bench/cpu_vs_nanogpt_shape.py), about 1.1x at the demo's, where
+    attention over 256 positions dominates: a win on long runs only, so it is asked for."""
     wanted = cfg.train.compile == "true" or (
         cfg.train.compile == "auto" and precision.device.type == "cuda"
     )

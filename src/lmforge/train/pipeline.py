@@ -292,7 +292,7 @@ def run_info(
 def _header(cfg: Config, phase: Phase, precision: Precision, threads: int, d: Dist,
             trainer: Trainer, start: Start | None) -> list[str]:  # fmt: skip
     first = f"lmforge {__version__} {phase.name} | {precision.describe()} | threads {threads}"
-    if compiles(cfg, precision):
+    if trainer.compiled:
         first += " | compiled"
     if d.enabled:
         first += (

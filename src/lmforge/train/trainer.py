@@ -407,6 +407,7 @@ class Trainer:
         self.model = model.to(self.device)
         # What forward/backward run through: the model, or its DDP/FSDP wrapper, maybe compiled.
         self.train_model = train_model or self.model
+        self.compiled = compile_model
         if compile_model:
             self.train_model = torch.compile(self.train_model)
         self.train_data = as_batches(train_data, self.settings.grad_accum)
